@@ -1,0 +1,230 @@
+//! The contract between Kohaku's ingest pipeline and its storage backends.
+//!
+//! A backend implements [`StatsSink`]. The pipeline hands it [`StatsBatch`]es of whole reports, each
+//! report being one connection's `getStats()` result as Sora forwarded it. Every stats object keeps
+//! the exact JSON text the client produced ([`StatsObject::rtc_data`]); backends store it whole.
+//!
+//! Writes must be idempotent on `(connection_id, rtc_id, rtc_timestamp)` so that the pipeline can
+//! retry a batch after a [`SinkError::Transient`] without storing duplicates.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+pub use serde_json::value::RawValue;
+pub use time::OffsetDateTime;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+/// How every backend and log line spells a point in time: ISO-8601 UTC with microseconds, e.g.
+/// `2025-07-25T06:06:51.592776Z`. Fixed width, so text comparison orders it as time.
+pub const TIMESTAMP_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+);
+
+pub fn format_timestamp(at: OffsetDateTime) -> String {
+    at.to_offset(time::UtcOffset::UTC)
+        .format(TIMESTAMP_FORMAT)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
+
+/// Parses what [`format_timestamp`] writes.
+pub fn parse_timestamp(text: &str) -> Result<OffsetDateTime, time::error::Parse> {
+    time::PrimitiveDateTime::parse(text, TIMESTAMP_FORMAT).map(|t| t.assume_utc())
+}
+
+/// The descriptive fields Sora sends with every report of one connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connection {
+    pub channel_id: String,
+    pub session_id: String,
+    pub client_id: String,
+    pub connection_id: String,
+    pub bundle_id: Option<String>,
+    pub label: String,
+    pub version: String,
+    pub node_name: String,
+    pub role: String,
+    /// Newer Sora versions no longer send it; `None` is stored as NULL.
+    pub multistream: Option<bool>,
+    pub simulcast: bool,
+    pub spotlight: bool,
+}
+
+/// One W3C `RTCStats` object, with the three fields Kohaku reads pulled out of it.
+#[derive(Debug, Clone)]
+pub struct StatsObject {
+    pub rtc_id: String,
+    pub rtc_type: String,
+    /// The object's own `timestamp`: milliseconds since the Unix epoch, possibly fractional.
+    pub rtc_timestamp: f64,
+    /// The object exactly as the client sent it (field order, number spelling, unknown fields).
+    pub rtc_data: Box<RawValue>,
+}
+
+/// One `getStats()` result of one connection.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub connection: Connection,
+    /// When Sora sent the report (the body's `timestamp`).
+    pub sora_timestamp: OffsetDateTime,
+    /// When Kohaku received it.
+    pub received_at: OffsetDateTime,
+    pub stats: Vec<StatsObject>,
+}
+
+impl Report {
+    pub fn row_count(&self) -> usize {
+        self.stats.len()
+    }
+}
+
+/// What a sink is asked to write in one go. Reports are never split across batches, so a backend
+/// that writes a batch in one transaction never leaves half a report behind.
+#[derive(Debug, Clone, Default)]
+pub struct StatsBatch {
+    reports: Vec<Arc<Report>>,
+    rows: usize,
+}
+
+/// One stats row: the object and the report (connection, times) it came with.
+#[derive(Debug, Clone, Copy)]
+pub struct StatsRow<'a> {
+    pub report: &'a Report,
+    pub object: &'a StatsObject,
+}
+
+impl StatsBatch {
+    pub fn new(reports: Vec<Arc<Report>>) -> Self {
+        let rows = reports.iter().map(|r| r.row_count()).sum();
+        Self { reports, rows }
+    }
+
+    pub fn push(&mut self, report: Arc<Report>) {
+        self.rows += report.row_count();
+        self.reports.push(report);
+    }
+
+    pub fn reports(&self) -> &[Arc<Report>] {
+        &self.reports
+    }
+
+    /// Number of stats objects in the batch.
+    pub fn row_count(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0 && self.reports.is_empty()
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = StatsRow<'_>> + '_ {
+        self.reports
+            .iter()
+            .flat_map(|report| report.stats.iter().map(move |object| StatsRow { report, object }))
+    }
+}
+
+/// The outcome of a successful [`StatsSink::write`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteReport {
+    /// Rows newly stored.
+    pub written: u64,
+    /// Rows already present under the same `(connection_id, rtc_id, rtc_timestamp)`.
+    pub duplicates: u64,
+    /// Rows the backend cannot store, whatever the number of retries; the rest of the batch was
+    /// written.
+    pub rejected: Vec<RejectedRow>,
+}
+
+impl WriteReport {
+    pub fn merge(&mut self, other: WriteReport) {
+        self.written += other.written;
+        self.duplicates += other.duplicates;
+        self.rejected.extend(other.rejected);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedRow {
+    pub connection_id: String,
+    pub rtc_id: String,
+    pub rtc_timestamp: f64,
+    pub reason: String,
+}
+
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Whether retrying can help is the only thing the pipeline needs to know about a failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The store is unreachable, busy, throttling or timed out: the same write may succeed later.
+    #[error("{message}")]
+    Transient {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The store rejects the write itself (bad schema, bad configuration, bad data): retrying the
+    /// same write cannot succeed.
+    #[error("{message}")]
+    Permanent {
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl SinkError {
+    pub fn transient(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Transient {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Permanent {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient { .. })
+    }
+
+    /// The message with its whole chain of causes, for logs and health answers.
+    pub fn detailed(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = StdError::source(self);
+        while let Some(err) = cause {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            cause = err.source();
+        }
+        text
+    }
+}
+
+/// A storage backend.
+#[async_trait]
+pub trait StatsSink: Send + Sync {
+    /// A short stable name used in metrics labels, logs and health answers (e.g. `sqlite`).
+    fn name(&self) -> &str;
+
+    /// Create or upgrade the schema. Re-running it is a no-op.
+    async fn migrate(&self) -> Result<(), SinkError>;
+
+    /// Store every row of the batch, idempotently.
+    async fn write(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError>;
+
+    /// Whether the store is usable right now.
+    async fn health(&self) -> Result<(), SinkError>;
+
+    /// Flush and release connections.
+    async fn close(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! The kohaku-sink conformance suite against a real SQLite file.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnection, StoredStats};
+use kohaku_sink::{parse_timestamp, Connection as SoraConnection, StatsSink};
+use kohaku_sqlite::{SqliteOptions, SqliteSink};
+use rusqlite::{params, Connection, OptionalExtension};
+
+struct SqliteTarget {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    sink: Arc<SqliteSink>,
+    /// A second connection holding the write lock plays the part of an outage.
+    locker: Mutex<Option<Connection>>,
+}
+
+impl SqliteTarget {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kohaku.db");
+        let mut options = SqliteOptions::new(&path);
+        options.busy_timeout = Duration::from_millis(200);
+        let sink = Arc::new(SqliteSink::open(&options).expect("open"));
+        sink.migrate().await.expect("migrate");
+        Self {
+            _dir: dir,
+            path,
+            sink,
+            locker: Mutex::new(None),
+        }
+    }
+
+    fn reader(&self) -> Connection {
+        Connection::open(&self.path).expect("reader connection")
+    }
+}
+
+fn time_column(row: &rusqlite::Row<'_>, index: usize) -> kohaku_sink::OffsetDateTime {
+    let text: String = row.get(index).expect("time column");
+    parse_timestamp(&text).unwrap_or_else(|err| panic!("stored time {text:?} does not parse: {err}"))
+}
+
+#[async_trait]
+impl ConformanceTarget for SqliteTarget {
+    fn sink(&self) -> Arc<dyn StatsSink> {
+        self.sink.clone()
+    }
+
+    async fn stored_stats(&self, connection_id: &str) -> Vec<StoredStats> {
+        let reader = self.reader();
+        let mut statement = reader
+            .prepare(
+                "SELECT channel_id, session_id, client_id, connection_id, bundle_id, rtc_type, rtc_id, \
+                 rtc_timestamp, rtc_data, sora_timestamp, received_at FROM rtc_stats WHERE connection_id = ?1",
+            )
+            .expect("prepare");
+        let rows = statement
+            .query_map(params![connection_id], |row| {
+                let data: String = row.get(8)?;
+                Ok(StoredStats {
+                    channel_id: row.get(0)?,
+                    session_id: row.get(1)?,
+                    client_id: row.get(2)?,
+                    connection_id: row.get(3)?,
+                    bundle_id: row.get(4)?,
+                    rtc_type: row.get(5)?,
+                    rtc_id: row.get(6)?,
+                    rtc_timestamp: row.get(7)?,
+                    rtc_data: serde_json::from_str(&data).expect("rtc_data is JSON"),
+                    sora_timestamp: time_column(row, 9),
+                    received_at: time_column(row, 10),
+                })
+            })
+            .expect("query");
+        rows.collect::<Result<_, _>>().expect("rows")
+    }
+
+    async fn stored_connection(&self, connection_id: &str) -> Option<StoredConnection> {
+        self.reader()
+            .query_row(
+                "SELECT channel_id, session_id, client_id, connection_id, bundle_id, label, version, node_name, \
+                 role, multistream, simulcast, spotlight, first_seen, last_seen \
+                 FROM sora_connection WHERE connection_id = ?1",
+                params![connection_id],
+                |row| {
+                    Ok(StoredConnection {
+                        connection: SoraConnection {
+                            channel_id: row.get(0)?,
+                            session_id: row.get(1)?,
+                            client_id: row.get(2)?,
+                            connection_id: row.get(3)?,
+                            bundle_id: row.get(4)?,
+                            label: row.get(5)?,
+                            version: row.get(6)?,
+                            node_name: row.get(7)?,
+                            role: row.get(8)?,
+                            multistream: row.get(9)?,
+                            simulcast: row.get(10)?,
+                            spotlight: row.get(11)?,
+                        },
+                        first_seen: time_column(row, 12),
+                        last_seen: time_column(row, 13),
+                    })
+                },
+            )
+            .optional()
+            .expect("query connection")
+    }
+
+    async fn make_unavailable(&self) {
+        let locker = self.reader();
+        locker.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+        *self.locker.lock().expect("locker") = Some(locker);
+    }
+
+    async fn make_available(&self) {
+        if let Some(locker) = self.locker.lock().expect("locker").take() {
+            locker.execute_batch("ROLLBACK").expect("release the write lock");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_passes_the_conformance_suite() {
+    let target = SqliteTarget::new().await;
+    conformance::run_all(&target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_version_is_recorded_and_reopening_keeps_data() {
+    let target = SqliteTarget::new().await;
+    conformance::round_trip_every_type(&target).await;
+    let version: i64 = target
+        .reader()
+        .query_row("SELECT max(version) FROM kohaku_schema_migrations", [], |row| row.get(0))
+        .expect("version");
+    assert_eq!(version, 1);
+
+    // A second Kohaku start on the same file migrates nothing and sees the same rows.
+    let reopened = SqliteSink::open(&SqliteOptions::new(&target.path)).expect("reopen");
+    reopened.migrate().await.expect("migrate again");
+    let migrations: i64 = target
+        .reader()
+        .query_row("SELECT count(*) FROM kohaku_schema_migrations", [], |row| row.get(0))
+        .expect("count");
+    assert_eq!(migrations, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_schema_is_refused_with_a_clear_message() {
+    let target = SqliteTarget::new().await;
+    target
+        .reader()
+        .execute(
+            "INSERT INTO kohaku_schema_migrations (version, name, applied_at) VALUES (99, 'future', 'x')",
+            [],
+        )
+        .expect("fake future version");
+    let err = target.sink.migrate().await.expect_err("must refuse");
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains("version 99"), "{err}");
+}
