@@ -1,0 +1,478 @@
+//! Kohaku's TOML configuration: defaults, parsing and validation.
+//!
+//! Every error names the file and the key, because an operator reading a start-up failure should
+//! not have to guess which of several files or tables is wrong. `config.example.toml` documents
+//! every key; keep the two in step (a test compares them).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where a configuration came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    Defaults,
+    File(PathBuf),
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Defaults => f.write_str("built-in defaults"),
+            Self::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// toml's message already carries line, column, the offending line and the key.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config ({source_name}): `{key}`: {message}")]
+    Invalid {
+        source_name: ConfigSource,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Log at debug level.
+    pub debug: bool,
+    pub server: ServerConfig,
+    pub exporter: ExporterConfig,
+    pub log: LogConfig,
+    pub pipeline: PipelineConfig,
+    /// Absent → one SQLite sink at `./kohaku.db`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<SinksConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen_addr: IpAddr,
+    /// 0 picks a free port (the bound address is logged); useful for tests.
+    pub listen_port: u16,
+    pub https: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_fullchain_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_privkey_file: Option<PathBuf>,
+    /// A PEM file or a directory of PEM files: when set, clients must present a certificate
+    /// signed by one of these CAs (mTLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_verify_cacert_path: Option<PathBuf>,
+    pub http2_max_concurrent_streams: u32,
+    pub http2_max_read_frame_size: u32,
+    /// Seconds without an open stream after which a connection is closed; 0 never closes it.
+    pub http2_idle_timeout: u64,
+    pub max_body_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: IpAddr::from([0, 0, 0, 0]),
+            listen_port: 5890,
+            https: false,
+            tls_fullchain_file: None,
+            tls_privkey_file: None,
+            tls_verify_cacert_path: None,
+            http2_max_concurrent_streams: 250,
+            http2_max_read_frame_size: 1024 * 1024,
+            http2_idle_timeout: 60,
+            max_body_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExporterConfig {
+    pub listen_addr: IpAddr,
+    pub listen_port: u16,
+    /// Serve /metrics and /health over TLS with the `[server]` certificate.
+    pub https: bool,
+}
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: IpAddr::from([127, 0, 0, 1]),
+            listen_port: 5891,
+            https: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Directory of the rotated JSON log file; unset → no log file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    pub name: String,
+    pub stdout: bool,
+    /// Megabytes.
+    pub rotate_max_size: u64,
+    pub rotate_max_backups: u64,
+    /// Days; rotated files older than this are deleted. 0 keeps them regardless of age.
+    pub rotate_max_age: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            name: "kohaku.jsonl".to_owned(),
+            stdout: true,
+            rotate_max_size: 200,
+            rotate_max_backups: 7,
+            rotate_max_age: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Stats objects accepted but not yet written to every sink; beyond it requests get 503.
+    pub queue_max_rows: u64,
+    pub batch_max_rows: u64,
+    pub batch_max_wait_ms: u64,
+    /// On SIGINT/SIGTERM, how long queued stats may take to reach the sinks before Kohaku exits
+    /// anyway (and logs how many rows it gave up).
+    pub shutdown_timeout_secs: u64,
+    /// First delay before retrying a sink's transient failure; doubles up to the maximum, with
+    /// jitter.
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            queue_max_rows: 200_000,
+            batch_max_rows: 5_000,
+            batch_max_wait_ms: 200,
+            shutdown_timeout_secs: 30,
+            retry_initial_backoff_ms: 100,
+            retry_max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// One table per storage backend; more than one means every report goes to all of them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinksConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqlite: Option<SqliteSinkConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqliteSinkConfig {
+    /// Relative paths are relative to Kohaku's working directory.
+    pub path: PathBuf,
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for SqliteSinkConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("kohaku.db"),
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Bounds of HTTP/2's SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2).
+const H2_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;
+
+impl Config {
+    /// Reads `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<(Self, ConfigSource), ConfigError> {
+        let Some(path) = path else {
+            let config = Self::default();
+            config.validate(&ConfigSource::Defaults)?;
+            return Ok((config, ConfigSource::Defaults));
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Self::parse(&text, path)?;
+        let source = ConfigSource::File(path.to_owned());
+        config.validate(&source)?;
+        Ok((config, source))
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|err: toml::de::Error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// The sinks to write to: what `[sinks]` says, or SQLite at `./kohaku.db` without it.
+    pub fn effective_sinks(&self) -> SinksConfig {
+        self.sinks.clone().unwrap_or_else(|| SinksConfig {
+            sqlite: Some(SqliteSinkConfig::default()),
+        })
+    }
+
+    /// The configuration as `check-config` prints it: every key with its effective value.
+    pub fn to_effective_toml(&self) -> String {
+        let mut effective = self.clone();
+        effective.sinks = Some(self.effective_sinks());
+        toml::to_string_pretty(&effective).unwrap_or_else(|err| format!("# cannot print config: {err}\n"))
+    }
+
+    pub fn validate(&self, source: &ConfigSource) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            source_name: source.clone(),
+            key: key.to_owned(),
+            message,
+        };
+        let server = &self.server;
+        if server.https {
+            if server.tls_fullchain_file.is_none() {
+                return Err(invalid("server.tls_fullchain_file", "required when server.https = true".into()));
+            }
+            if server.tls_privkey_file.is_none() {
+                return Err(invalid("server.tls_privkey_file", "required when server.https = true".into()));
+            }
+        } else if server.tls_verify_cacert_path.is_some() {
+            return Err(invalid(
+                "server.tls_verify_cacert_path",
+                "client certificates need TLS: set server.https = true".into(),
+            ));
+        }
+        if server.http2_max_concurrent_streams == 0 {
+            return Err(invalid("server.http2_max_concurrent_streams", "must be at least 1".into()));
+        }
+        if !H2_FRAME_SIZE_RANGE.contains(&server.http2_max_read_frame_size) {
+            return Err(invalid(
+                "server.http2_max_read_frame_size",
+                format!(
+                    "{} is outside HTTP/2's allowed range {}..={}",
+                    server.http2_max_read_frame_size,
+                    H2_FRAME_SIZE_RANGE.start(),
+                    H2_FRAME_SIZE_RANGE.end()
+                ),
+            ));
+        }
+        if server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1".into()));
+        }
+        if self.exporter.https && !server.https {
+            return Err(invalid(
+                "exporter.https",
+                "the exporter uses the [server] certificate: set server.https = true and its TLS files".into(),
+            ));
+        }
+        if self.exporter.listen_port != 0
+            && self.exporter.listen_port == server.listen_port
+            && (self.exporter.listen_addr == server.listen_addr
+                || self.exporter.listen_addr.is_unspecified()
+                || server.listen_addr.is_unspecified())
+        {
+            return Err(invalid(
+                "exporter.listen_port",
+                format!("{} is also server.listen_port", self.exporter.listen_port),
+            ));
+        }
+
+        let log = &self.log;
+        if log.dir.is_none() && !log.stdout {
+            return Err(invalid("log", "set `dir` or `stdout = true`: as configured Kohaku would log nowhere".into()));
+        }
+        if log.name.is_empty() || log.name.contains(['/', '\\']) {
+            return Err(invalid("log.name", format!("{:?} must be a plain file name", log.name)));
+        }
+        if log.rotate_max_size == 0 {
+            return Err(invalid("log.rotate_max_size", "must be at least 1 (megabyte)".into()));
+        }
+
+        let pipeline = &self.pipeline;
+        for (key, value) in [
+            ("pipeline.queue_max_rows", pipeline.queue_max_rows),
+            ("pipeline.batch_max_rows", pipeline.batch_max_rows),
+            ("pipeline.batch_max_wait_ms", pipeline.batch_max_wait_ms),
+            ("pipeline.retry_initial_backoff_ms", pipeline.retry_initial_backoff_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        // The queue is a semaphore of rows; tokio caps its permits.
+        let max_queue = tokio::sync::Semaphore::MAX_PERMITS as u64;
+        if pipeline.queue_max_rows > max_queue {
+            return Err(invalid("pipeline.queue_max_rows", format!("must be at most {max_queue}")));
+        }
+        if pipeline.batch_max_rows > pipeline.queue_max_rows {
+            return Err(invalid(
+                "pipeline.batch_max_rows",
+                format!(
+                    "{} is larger than pipeline.queue_max_rows ({}): a batch could never fill",
+                    pipeline.batch_max_rows, pipeline.queue_max_rows
+                ),
+            ));
+        }
+        if pipeline.retry_max_backoff_ms < pipeline.retry_initial_backoff_ms {
+            return Err(invalid(
+                "pipeline.retry_max_backoff_ms",
+                "must not be smaller than pipeline.retry_initial_backoff_ms".into(),
+            ));
+        }
+
+        if let Some(sinks) = &self.sinks {
+            if *sinks == SinksConfig::default() {
+                return Err(invalid(
+                    "sinks",
+                    "the table names no sink: add e.g. [sinks.sqlite], or remove [sinks] to use SQLite at ./kohaku.db".into(),
+                ));
+            }
+            if let Some(sqlite) = &sinks.sqlite {
+                if sqlite.path.as_os_str().is_empty() {
+                    return Err(invalid("sinks.sqlite.path", "must not be empty".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let path = Path::new("kohaku.toml");
+        let config = Config::parse(text, path)?;
+        config.validate(&ConfigSource::File(path.to_owned()))?;
+        Ok(config)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults_with_sqlite() {
+        let config = parse("").expect("empty config is valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.listen_port, 5890);
+        assert_eq!(config.exporter.listen_port, 5891);
+        assert_eq!(
+            config.effective_sinks().sqlite.map(|s| s.path),
+            Some(PathBuf::from("kohaku.db"))
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("debug = true\n[server]\nlisten_prot = 1\n").unwrap_err().to_string();
+        assert!(err.contains("kohaku.toml"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("unknown field `listen_prot`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_sink_is_rejected() {
+        let err = parse("[sinks.mysql]\nuri = 'x'\n").unwrap_err().to_string();
+        assert!(err.contains("unknown field `mysql`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let err = parse("[server]\nlisten_port = 70000\n").unwrap_err().to_string();
+        assert!(err.contains("listen_port"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn validation_errors_name_the_key_and_file() {
+        for (text, key) in [
+            ("[server]\nhttps = true\n", "server.tls_fullchain_file"),
+            ("[server]\ntls_verify_cacert_path = 'ca.pem'\n", "server.tls_verify_cacert_path"),
+            ("[server]\nhttp2_max_read_frame_size = 1024\n", "server.http2_max_read_frame_size"),
+            ("[server]\nhttp2_max_concurrent_streams = 0\n", "server.http2_max_concurrent_streams"),
+            ("[pipeline]\nbatch_max_rows = 10\nqueue_max_rows = 5\n", "pipeline.batch_max_rows"),
+            ("[pipeline]\nqueue_max_rows = 0\n", "pipeline.queue_max_rows"),
+            ("[log]\nstdout = false\n", "`log`"),
+            ("[sinks]\n", "`sinks`"),
+            ("[exporter]\nlisten_port = 5890\n", "exporter.listen_port"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text:?}: {err}");
+            assert!(err.contains("kohaku.toml"), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn effective_toml_round_trips() {
+        let config = parse("debug = true\n[sinks.sqlite]\npath = 'x.db'\n").unwrap();
+        let printed = config.to_effective_toml();
+        let reparsed = parse(&printed).unwrap();
+        assert_eq!(reparsed, config);
+    }
+
+    /// Every key Kohaku accepts is documented in config.example.toml, and the file parses to the
+    /// defaults it claims.
+    #[test]
+    fn example_config_documents_every_key_with_its_default() {
+        let example = include_str!("../config.example.toml");
+        let uncommented: String = example
+            .lines()
+            .map(|line| line.strip_prefix("# ").filter(|l| looks_like_key_or_table(l)).unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        // Not validated: the sample TLS paths are shown with `https = false`, its default.
+        let config = Config::parse(&uncommented, Path::new("config.example.toml"))
+            .expect("config.example.toml with every key uncommented parses");
+        let mut expected = Config::default();
+        expected.sinks = Some(expected.effective_sinks());
+        // Optional keys have no default; the example shows a sample value for them.
+        let mut documented = config.clone();
+        documented.server.tls_fullchain_file = None;
+        documented.server.tls_privkey_file = None;
+        documented.server.tls_verify_cacert_path = None;
+        documented.server.https = false;
+        documented.exporter.https = false;
+        documented.log.dir = None;
+        assert_eq!(documented, expected, "config.example.toml shows a value that is not the default");
+
+        let printed = toml::to_string(&config).unwrap();
+        let printed: toml::Table = toml::from_str(&printed).unwrap();
+        for (table, value) in &printed {
+            match value {
+                toml::Value::Table(keys) => {
+                    for (key, nested) in keys {
+                        if let toml::Value::Table(inner) = nested {
+                            for inner_key in inner.keys() {
+                                assert!(example.contains(&format!("{inner_key} =")), "{table}.{key}.{inner_key} undocumented");
+                            }
+                        } else {
+                            assert!(example.contains(&format!("{key} =")), "{table}.{key} undocumented");
+                        }
+                    }
+                }
+                _ => assert!(example.contains(&format!("{table} =")), "{table} undocumented"),
+            }
+        }
+    }
+
+    fn looks_like_key_or_table(line: &str) -> bool {
+        line.starts_with('[') || line.split_once(" = ").is_some_and(|(key, _)| !key.contains(' '))
+    }
+}

@@ -1,0 +1,189 @@
+//! Every metric Kohaku exports, registered in one place so names and help texts stay consistent.
+//! Counters are named without `_total`; the OpenMetrics encoder appends it.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub path: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    pub sink: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkErrorLabels {
+    pub sink: String,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub reports_received: Counter,
+    pub stats_objects_received: Counter,
+    pub rows_written: Family<SinkLabels, Counter>,
+    pub rows_duplicate: Family<SinkLabels, Counter>,
+    pub rows_rejected: Family<SinkLabels, Counter>,
+    pub rows_dropped: Family<SinkLabels, Counter>,
+    pub batch_write_seconds: HistogramFamily<SinkLabels>,
+    pub sink_errors: Family<SinkErrorLabels, Counter>,
+    pub sink_retries: Family<SinkLabels, Counter>,
+    pub sink_up: Family<SinkLabels, Gauge>,
+    pub queue_rows: Gauge,
+    pub queue_capacity_rows: Gauge,
+}
+
+fn write_latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s: a healthy batch takes milliseconds, a struggling database seconds.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kohaku");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests answered, by path and status", requests.clone());
+        let reports_received = Counter::default();
+        registry.register(
+            "reports_received",
+            "Sora reports accepted into the pipeline (answered 204)",
+            reports_received.clone(),
+        );
+        let stats_objects_received = Counter::default();
+        registry.register(
+            "stats_objects_received",
+            "Stats objects accepted into the pipeline",
+            stats_objects_received.clone(),
+        );
+        let rows_written = Family::<SinkLabels, Counter>::default();
+        registry.register("sink_rows_written", "Stats rows newly stored, per sink", rows_written.clone());
+        let rows_duplicate = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "sink_rows_duplicate",
+            "Stats rows a sink already held (same connection_id, rtc_id, rtc_timestamp)",
+            rows_duplicate.clone(),
+        );
+        let rows_rejected = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "sink_rows_rejected",
+            "Stats rows a sink refused as invalid; the rest of their batch was stored",
+            rows_rejected.clone(),
+        );
+        let rows_dropped = Family::<SinkLabels, Counter>::default();
+        registry.register(
+            "sink_rows_dropped",
+            "Stats rows never stored by a sink: its write failed permanently, or shutdown's deadline passed while retrying",
+            rows_dropped.clone(),
+        );
+        let batch_write_seconds: HistogramFamily<SinkLabels> =
+            Family::new_with_constructor(write_latency_histogram as fn() -> Histogram);
+        registry.register(
+            "sink_batch_write_seconds",
+            "Time of one successful batch write, per sink",
+            batch_write_seconds.clone(),
+        );
+        let sink_errors = Family::<SinkErrorLabels, Counter>::default();
+        registry.register(
+            "sink_errors",
+            "Failed batch writes, per sink and kind (transient: retried; permanent: not retried)",
+            sink_errors.clone(),
+        );
+        let sink_retries = Family::<SinkLabels, Counter>::default();
+        registry.register("sink_retries", "Batch writes retried after a transient failure", sink_retries.clone());
+        let sink_up = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "sink_up",
+            "1 when the sink's last write or health check succeeded, 0 otherwise",
+            sink_up.clone(),
+        );
+        let queue_rows = Gauge::default();
+        registry.register(
+            "queue_rows",
+            "Stats rows accepted but not yet written to every sink",
+            queue_rows.clone(),
+        );
+        let queue_capacity_rows = Gauge::default();
+        registry.register(
+            "queue_capacity_rows",
+            "pipeline.queue_max_rows: beyond it requests get 503",
+            queue_capacity_rows.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "Kohaku's version", build_info);
+        Self {
+            registry,
+            requests,
+            reports_received,
+            stats_objects_received,
+            rows_written,
+            rows_duplicate,
+            rows_rejected,
+            rows_dropped,
+            batch_write_seconds,
+            sink_errors,
+            sink_retries,
+            sink_up,
+            queue_rows,
+            queue_capacity_rows,
+        }
+    }
+
+    /// Creates every per-sink series at zero, so dashboards and alerts see them before the first
+    /// write or failure.
+    pub fn register_sink(&self, name: &str) {
+        let labels = Self::sink(name);
+        self.rows_written.get_or_create(&labels);
+        self.rows_duplicate.get_or_create(&labels);
+        self.rows_rejected.get_or_create(&labels);
+        self.rows_dropped.get_or_create(&labels);
+        self.batch_write_seconds.get_or_create(&labels);
+        self.sink_retries.get_or_create(&labels);
+        for kind in ["transient", "permanent"] {
+            self.sink_errors.get_or_create(&SinkErrorLabels {
+                sink: name.to_owned(),
+                kind,
+            });
+        }
+        self.sink_up.get_or_create(&labels).set(1);
+    }
+
+    pub fn sink(name: &str) -> SinkLabels {
+        SinkLabels { sink: name.to_owned() }
+    }
+
+    /// The OpenMetrics text exposition, which Prometheus scrapes natively.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %err, "cannot encode metrics");
+        }
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,593 @@
+//! Between the HTTP handlers and the sinks: a queue bounded in stats rows, a batcher, and one
+//! worker per sink that retries transient failures.
+//!
+//! The queue is a semaphore of rows. A report takes as many permits as it has stats objects and
+//! gives them back only when every sink has finished with the batch holding it, so memory is
+//! bounded by `queue_max_rows` wherever the rows are: waiting to be batched, batched and waiting
+//! for a slow sink, or being retried.
+
+mod backoff;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kohaku_sink::{Report, SinkError, StatsBatch, StatsSink, WriteReport};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::task::JoinHandle;
+
+pub use backoff::Backoff;
+
+use crate::config::PipelineConfig;
+use crate::metrics::Metrics;
+
+/// How long a health probe may take before the sink counts as unhealthy.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Rejected rows logged one by one per batch; the rest are summarised.
+const REJECTED_ROWS_LOGGED: usize = 10;
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub queue_max_rows: u32,
+    pub batch_max_rows: usize,
+    pub batch_max_wait: Duration,
+    pub shutdown_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+impl From<&PipelineConfig> for PipelineOptions {
+    fn from(config: &PipelineConfig) -> Self {
+        Self {
+            // Validated against Semaphore::MAX_PERMITS, which is below u32::MAX on 64-bit targets.
+            queue_max_rows: u32::try_from(config.queue_max_rows).unwrap_or(u32::MAX),
+            batch_max_rows: usize::try_from(config.batch_max_rows).unwrap_or(usize::MAX),
+            batch_max_wait: Duration::from_millis(config.batch_max_wait_ms),
+            shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
+            backoff: Backoff {
+                initial: Duration::from_millis(config.retry_initial_backoff_ms),
+                max: Duration::from_millis(config.retry_max_backoff_ms),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full")]
+    QueueFull,
+    #[error("the report has {rows} stats objects, more than the whole queue holds ({capacity}, pipeline.queue_max_rows)")]
+    TooLarge { rows: usize, capacity: u32 },
+    #[error("Kohaku is shutting down")]
+    Closed,
+}
+
+struct Queued {
+    report: Arc<Report>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// The handlers' side of the pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    permits: Arc<Semaphore>,
+    capacity: u32,
+    sender: mpsc::UnboundedSender<Queued>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ingest {
+    /// Queues the report, or says why not. `Ok` means it is in the pipeline: answer 204.
+    pub fn submit(&self, report: Report) -> Result<(), SubmitError> {
+        let rows = report.row_count();
+        // A report without stats still updates its connection, so it takes a slot too.
+        let wanted = u32::try_from(rows.max(1)).unwrap_or(u32::MAX);
+        if wanted > self.capacity {
+            return Err(SubmitError::TooLarge {
+                rows,
+                capacity: self.capacity,
+            });
+        }
+        let permit = match Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => return Err(SubmitError::QueueFull),
+            Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
+        };
+        self.sender
+            .send(Queued {
+                report: Arc::new(report),
+                permit,
+            })
+            .map_err(|_| SubmitError::Closed)?;
+        self.metrics.reports_received.inc();
+        self.metrics.stats_objects_received.inc_by(rows as u64);
+        self.metrics.queue_rows.set(queued_rows(&self.permits, self.capacity));
+        Ok(())
+    }
+
+    /// Rows accepted and not yet written to every sink.
+    pub fn queued_rows(&self) -> i64 {
+        queued_rows(&self.permits, self.capacity)
+    }
+}
+
+fn queued_rows(permits: &Semaphore, capacity: u32) -> i64 {
+    i64::from(capacity) - permits.available_permits() as i64
+}
+
+/// A batch on its way to every sink. Its rows leave the queue when the last sink drops it.
+struct InFlight {
+    batch: StatsBatch,
+    permit: Option<OwnedSemaphorePermit>,
+    permits: Arc<Semaphore>,
+    capacity: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        self.metrics.queue_rows.set(queued_rows(&self.permits, self.capacity));
+    }
+}
+
+/// What one sink is doing, as `/health` reports it.
+struct SinkState {
+    sink: Arc<dyn StatsSink>,
+    /// The last write failed transiently and is being retried.
+    failing: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SinkStatus {
+    pub sink: String,
+    pub healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The configured sinks and their state, shared with the health endpoints.
+#[derive(Clone)]
+pub struct SinkHealth {
+    states: Arc<Vec<Arc<SinkState>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SinkHealth {
+    /// Probes every sink concurrently. A sink whose writes are failing is unhealthy even if a
+    /// probe happens to pass.
+    pub async fn check(&self) -> Vec<SinkStatus> {
+        let mut probes = tokio::task::JoinSet::new();
+        for (index, state) in self.states.iter().enumerate() {
+            let state = Arc::clone(state);
+            probes.spawn(async move { (index, probe(&state).await) });
+        }
+        let mut statuses: Vec<(usize, SinkStatus)> = Vec::with_capacity(self.states.len());
+        while let Some(joined) = probes.join_next().await {
+            match joined {
+                Ok(status) => statuses.push(status),
+                Err(err) => tracing::error!(error = %err, "sink health probe failed"),
+            }
+        }
+        statuses.sort_by_key(|(index, _)| *index);
+        let statuses: Vec<SinkStatus> = statuses.into_iter().map(|(_, status)| status).collect();
+        for status in &statuses {
+            self.metrics
+                .sink_up
+                .get_or_create(&Metrics::sink(&status.sink))
+                .set(i64::from(status.healthy));
+        }
+        statuses
+    }
+}
+
+async fn probe(state: &SinkState) -> SinkStatus {
+    let name = state.sink.name().to_owned();
+    let error = match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.sink.health()).await {
+        Err(_) => Some(format!("health check timed out after {HEALTH_PROBE_TIMEOUT:?}")),
+        Ok(Err(err)) => Some(err.detailed()),
+        Ok(Ok(())) if state.failing.load(Ordering::Relaxed) => Some(format!(
+            "writes failing, retrying: {}",
+            lock(&state.last_error).clone().unwrap_or_default()
+        )),
+        Ok(Ok(())) => None,
+    };
+    SinkStatus {
+        sink: name,
+        healthy: error.is_none(),
+        error,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub struct Pipeline {
+    ingest: Ingest,
+    health: SinkHealth,
+    closing: watch::Sender<bool>,
+    give_up: watch::Sender<bool>,
+    batcher: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+    dropped_rows: Arc<AtomicU64>,
+    shutdown_timeout: Duration,
+}
+
+/// What shutdown could not deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownSummary {
+    /// Rows some sink never stored because the deadline passed (summed over sinks).
+    pub dropped_rows: u64,
+}
+
+impl Pipeline {
+    pub fn start(sinks: Vec<Arc<dyn StatsSink>>, options: PipelineOptions, metrics: Arc<Metrics>) -> Self {
+        let permits = Arc::new(Semaphore::new(options.queue_max_rows as usize));
+        metrics.queue_capacity_rows.set(i64::from(options.queue_max_rows));
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let (closing, closing_rx) = watch::channel(false);
+        let (give_up, give_up_rx) = watch::channel(false);
+        let dropped_rows = Arc::new(AtomicU64::new(0));
+
+        let mut states = Vec::new();
+        let mut sink_senders = Vec::new();
+        let mut workers = Vec::new();
+        for sink in sinks {
+            let state = Arc::new(SinkState {
+                sink,
+                failing: AtomicBool::new(false),
+                last_error: Mutex::new(None),
+            });
+            metrics.register_sink(state.sink.name());
+            let (batch_sender, batch_receiver) = mpsc::unbounded_channel();
+            let worker = SinkWorker {
+                state: Arc::clone(&state),
+                backoff: options.backoff.clone(),
+                give_up: give_up_rx.clone(),
+                metrics: Arc::clone(&metrics),
+                dropped_rows: Arc::clone(&dropped_rows),
+            };
+            workers.push(tokio::spawn(worker.run(batch_receiver)));
+            sink_senders.push(batch_sender);
+            states.push(state);
+        }
+
+        let batcher = Batcher {
+            sink_senders,
+            batch_max_rows: options.batch_max_rows,
+            batch_max_wait: options.batch_max_wait,
+            permits: Arc::clone(&permits),
+            capacity: options.queue_max_rows,
+            metrics: Arc::clone(&metrics),
+        };
+        let batcher = tokio::spawn(batcher.run(receiver, closing_rx));
+
+        Self {
+            ingest: Ingest {
+                permits,
+                capacity: options.queue_max_rows,
+                sender,
+                metrics: Arc::clone(&metrics),
+            },
+            health: SinkHealth {
+                states: Arc::new(states),
+                metrics,
+            },
+            closing,
+            give_up,
+            batcher,
+            workers,
+            dropped_rows,
+            shutdown_timeout: options.shutdown_timeout,
+        }
+    }
+
+    pub fn ingest(&self) -> Ingest {
+        self.ingest.clone()
+    }
+
+    pub fn health(&self) -> SinkHealth {
+        self.health.clone()
+    }
+
+    /// Refuses new reports, writes what is queued, and returns once every sink is done and
+    /// closed, or once `shutdown_timeout` has passed (whatever is still unwritten is counted and
+    /// logged).
+    pub async fn shutdown(self) -> ShutdownSummary {
+        self.ingest.permits.close();
+        let _ = self.closing.send(true);
+        let queued = self.ingest.queued_rows();
+        tracing::info!(queued_rows = queued, timeout_secs = self.shutdown_timeout.as_secs(), "flushing queued stats to the sinks");
+        let give_up = self.give_up;
+        let deadline = tokio::time::sleep(self.shutdown_timeout);
+        let all_done = async {
+            if let Err(err) = self.batcher.await {
+                tracing::error!(error = %err, "batcher task failed");
+            }
+            for worker in self.workers {
+                if let Err(err) = worker.await {
+                    tracing::error!(error = %err, "sink worker task failed");
+                }
+            }
+        };
+        tokio::pin!(all_done);
+        tokio::select! {
+            () = &mut all_done => {}
+            () = deadline => {
+                tracing::error!(timeout_secs = self.shutdown_timeout.as_secs(), "shutdown timeout reached; abandoning unwritten stats");
+                let _ = give_up.send(true);
+                all_done.await;
+            }
+        }
+        ShutdownSummary {
+            dropped_rows: self.dropped_rows.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct Batcher {
+    sink_senders: Vec<mpsc::UnboundedSender<Arc<InFlight>>>,
+    batch_max_rows: usize,
+    batch_max_wait: Duration,
+    permits: Arc<Semaphore>,
+    capacity: u32,
+    metrics: Arc<Metrics>,
+}
+
+struct Pending {
+    batch: StatsBatch,
+    permit: OwnedSemaphorePermit,
+    flush_at: tokio::time::Instant,
+}
+
+impl Batcher {
+    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Queued>, mut closing: watch::Receiver<bool>) {
+        let mut pending: Option<Pending> = None;
+        let mut closing_seen = false;
+        loop {
+            let flush_at = pending.as_ref().map(|p| p.flush_at);
+            tokio::select! {
+                queued = receiver.recv() => {
+                    let Some(queued) = queued else { break };
+                    let full = {
+                        let pending = self.add(&mut pending, queued);
+                        pending.batch.row_count() >= self.batch_max_rows
+                    };
+                    if full {
+                        self.flush(pending.take());
+                    }
+                }
+                () = sleep_until_some(flush_at) => self.flush(pending.take()),
+                changed = closing.changed(), if !closing_seen => {
+                    closing_seen = true;
+                    if changed.is_err() || *closing.borrow() {
+                        // Refuse further sends but keep draining what is already queued.
+                        receiver.close();
+                    }
+                }
+            }
+        }
+        self.flush(pending.take());
+    }
+
+    fn add<'a>(&self, pending: &'a mut Option<Pending>, queued: Queued) -> &'a mut Pending {
+        match pending {
+            Some(existing) => {
+                existing.batch.push(queued.report);
+                existing.permit.merge(queued.permit);
+                existing
+            }
+            None => pending.insert(Pending {
+                batch: StatsBatch::new(vec![queued.report]),
+                permit: queued.permit,
+                flush_at: tokio::time::Instant::now() + self.batch_max_wait,
+            }),
+        }
+    }
+
+    fn flush(&self, pending: Option<Pending>) {
+        let Some(pending) = pending else { return };
+        let in_flight = Arc::new(InFlight {
+            batch: pending.batch,
+            permit: Some(pending.permit),
+            permits: Arc::clone(&self.permits),
+            capacity: self.capacity,
+            metrics: Arc::clone(&self.metrics),
+        });
+        for sender in &self.sink_senders {
+            if sender.send(Arc::clone(&in_flight)).is_err() {
+                tracing::error!("a sink worker has stopped; its rows are not delivered");
+            }
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct SinkWorker {
+    state: Arc<SinkState>,
+    backoff: Backoff,
+    give_up: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    dropped_rows: Arc<AtomicU64>,
+}
+
+enum Attempt {
+    Written,
+    Permanent(SinkError),
+    GaveUp,
+}
+
+impl SinkWorker {
+    fn name(&self) -> &str {
+        self.state.sink.name()
+    }
+
+    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Arc<InFlight>>) {
+        while let Some(in_flight) = receiver.recv().await {
+            self.deliver(&in_flight.batch).await;
+        }
+        match self.state.sink.close().await {
+            Ok(()) => tracing::info!(sink = self.name(), "sink closed"),
+            Err(err) => tracing::warn!(sink = self.name(), error = %err.detailed(), "closing the sink failed"),
+        }
+    }
+
+    /// Writes the batch. When the sink refuses it permanently, writes its reports one by one so
+    /// that one bad report does not cost the others.
+    async fn deliver(&self, batch: &StatsBatch) {
+        match self.write_retrying(batch).await {
+            Attempt::Written | Attempt::GaveUp => {}
+            Attempt::Permanent(err) if batch.reports().len() > 1 => {
+                tracing::warn!(sink = self.name(), error = %err.detailed(), reports = batch.reports().len(), "batch refused; writing its reports one by one");
+                for report in batch.reports() {
+                    let single = StatsBatch::new(vec![Arc::clone(report)]);
+                    if let Attempt::Permanent(err) = self.write_retrying(&single).await {
+                        self.drop_rows(&single, &err);
+                    }
+                }
+            }
+            Attempt::Permanent(err) => self.drop_rows(batch, &err),
+        }
+    }
+
+    fn drop_rows(&self, batch: &StatsBatch, err: &SinkError) {
+        let report = batch.reports().first();
+        tracing::error!(
+            sink = self.name(),
+            rows = batch.row_count(),
+            connection_id = report.map(|r| r.connection.connection_id.as_str()),
+            channel_id = report.map(|r| r.connection.channel_id.as_str()),
+            error = %err.detailed(),
+            "sink refused the report permanently; its rows are not stored in this sink"
+        );
+        self.count_dropped(batch.row_count());
+    }
+
+    fn count_dropped(&self, rows: usize) {
+        self.metrics.rows_dropped.get_or_create(&Metrics::sink(self.name())).inc_by(rows as u64);
+        self.dropped_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    async fn write_retrying(&self, batch: &StatsBatch) -> Attempt {
+        let labels = Metrics::sink(self.name());
+        let mut give_up = self.give_up.clone();
+        let mut attempt: u32 = 0;
+        loop {
+            if *give_up.borrow() {
+                self.abandon(batch);
+                return Attempt::GaveUp;
+            }
+            let started = Instant::now();
+            let result = tokio::select! {
+                result = self.state.sink.write(batch) => result,
+                _ = give_up.wait_for(|given_up| *given_up) => {
+                    self.abandon(batch);
+                    return Attempt::GaveUp;
+                }
+            };
+            match result {
+                Ok(report) => {
+                    self.metrics
+                        .batch_write_seconds
+                        .get_or_create(&labels)
+                        .observe(started.elapsed().as_secs_f64());
+                    self.record(batch, report);
+                    if self.state.failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!(sink = self.name(), retries = attempt, "sink recovered");
+                    }
+                    self.metrics.sink_up.get_or_create(&labels).set(1);
+                    return Attempt::Written;
+                }
+                Err(err) if err.is_transient() => {
+                    let delay = self.backoff.delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    self.metrics
+                        .sink_errors
+                        .get_or_create(&crate::metrics::SinkErrorLabels {
+                            sink: self.name().to_owned(),
+                            kind: "transient",
+                        })
+                        .inc();
+                    self.metrics.sink_retries.get_or_create(&labels).inc();
+                    self.metrics.sink_up.get_or_create(&labels).set(0);
+                    self.state.failing.store(true, Ordering::Relaxed);
+                    *lock(&self.state.last_error) = Some(err.detailed());
+                    tracing::warn!(
+                        sink = self.name(),
+                        error = %err.detailed(),
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        rows = batch.row_count(),
+                        "transient sink error; retrying"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        _ = give_up.wait_for(|given_up| *given_up) => {}
+                    }
+                }
+                Err(err) => {
+                    self.metrics
+                        .sink_errors
+                        .get_or_create(&crate::metrics::SinkErrorLabels {
+                            sink: self.name().to_owned(),
+                            kind: "permanent",
+                        })
+                        .inc();
+                    return Attempt::Permanent(err);
+                }
+            }
+        }
+    }
+
+    fn abandon(&self, batch: &StatsBatch) {
+        tracing::error!(
+            sink = self.name(),
+            rows = batch.row_count(),
+            "shutdown timeout: rows not written to this sink"
+        );
+        self.count_dropped(batch.row_count());
+    }
+
+    fn record(&self, batch: &StatsBatch, report: WriteReport) {
+        let labels = Metrics::sink(self.name());
+        self.metrics.rows_written.get_or_create(&labels).inc_by(report.written);
+        self.metrics.rows_duplicate.get_or_create(&labels).inc_by(report.duplicates);
+        if !report.rejected.is_empty() {
+            self.metrics
+                .rows_rejected
+                .get_or_create(&labels)
+                .inc_by(report.rejected.len() as u64);
+            for row in report.rejected.iter().take(REJECTED_ROWS_LOGGED) {
+                tracing::warn!(
+                    sink = self.name(),
+                    connection_id = row.connection_id,
+                    rtc_id = row.rtc_id,
+                    rtc_timestamp = row.rtc_timestamp,
+                    reason = row.reason,
+                    "row rejected by the sink"
+                );
+            }
+            if report.rejected.len() > REJECTED_ROWS_LOGGED {
+                tracing::warn!(
+                    sink = self.name(),
+                    more = report.rejected.len() - REJECTED_ROWS_LOGGED,
+                    "further rows rejected in the same batch"
+                );
+            }
+        }
+        tracing::debug!(
+            sink = self.name(),
+            rows = batch.row_count(),
+            written = report.written,
+            duplicates = report.duplicates,
+            "batch written"
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! Listeners: accept TCP (and TLS) connections, serve HTTP/1.1 and HTTP/2 on them with the
+//! configured limits, close idle connections, and shut down gracefully with a deadline.
+//!
+//! The same machinery serves the ingest listener ([`ingest`]) and the exporter listener
+//! ([`crate::exporter`]); they differ only in their [`Router`].
+
+pub mod ingest;
+pub mod response;
+pub mod tls;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// A TLS handshake must finish within this time, so half-open connections cannot pile up.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound for request headers, on both protocols.
+const MAX_HEADER_BYTES: u32 = 64 * 1024;
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// Answers requests of one listener.
+#[async_trait]
+pub trait Router: Send + Sync + 'static {
+    async fn route(&self, request: Request<Incoming>) -> HttpResponse;
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    pub max_concurrent_streams: u32,
+    pub max_frame_size: u32,
+    /// Close a connection without requests for this long; `None` keeps it open.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A running listener.
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept_loop: JoinHandle<()>,
+    connections_done: mpsc::Receiver<()>,
+    name: &'static str,
+}
+
+impl Server {
+    /// Starts serving `listener`. `name` appears in logs ("ingest", "exporter").
+    pub fn start(
+        name: &'static str,
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        router: Arc<dyn Router>,
+        limits: HttpLimits,
+    ) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (alive, connections_done) = mpsc::channel::<()>(1);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(MAX_HEADER_BYTES as usize);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_frame_size(limits.max_frame_size)
+            .max_header_list_size(MAX_HEADER_BYTES);
+        let context = Arc::new(ConnectionContext {
+            builder,
+            router,
+            tls: tls.map(TlsAcceptor::from),
+            idle_timeout: limits.idle_timeout,
+            name,
+        });
+        let accept_loop = tokio::spawn(accept_loop(listener, context, shutdown_rx, alive));
+        Ok(Self {
+            local_addr,
+            shutdown,
+            accept_loop,
+            connections_done,
+            name,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets open requests finish (HTTP/2 GOAWAY), and waits up to `deadline`
+    /// for every connection to close.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        let _ = self.shutdown.send(true);
+        if let Err(err) = self.accept_loop.await {
+            tracing::error!(listener = self.name, error = %err, "accept loop failed");
+        }
+        // Each connection task holds a sender; `recv` returns `None` once all have ended.
+        if tokio::time::timeout(deadline, self.connections_done.recv()).await.is_err() {
+            tracing::warn!(listener = self.name, deadline_secs = deadline.as_secs(), "connections still open after the shutdown deadline; closing them");
+        }
+    }
+}
+
+struct ConnectionContext {
+    builder: auto::Builder<TokioExecutor>,
+    router: Arc<dyn Router>,
+    tls: Option<TlsAcceptor>,
+    idle_timeout: Option<Duration>,
+    name: &'static str,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    context: Arc<ConnectionContext>,
+    mut shutdown: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_tcp(stream, peer, Arc::clone(&context), shutdown.clone(), alive.clone()));
+            }
+            Err(err) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(listener = context.name, error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    context: Arc<ConnectionContext>,
+    shutdown: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+) {
+    match &context.tls {
+        None => serve_connection(stream, peer, &context, shutdown).await,
+        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, &context, shutdown).await,
+            Ok(Err(err)) => {
+                tracing::info!(listener = context.name, %peer, error = %err, "TLS handshake refused");
+            }
+            Err(_) => {
+                tracing::info!(listener = context.name, %peer, "TLS handshake timed out");
+            }
+        },
+    }
+    drop(alive);
+}
+
+/// Requests in progress on one connection, and when the last one ended.
+struct Activity {
+    in_flight: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(Arc::clone(self))
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(self.idle_since.lock().map(|since| since.elapsed()).unwrap_or_default())
+    }
+}
+
+struct ActivityGuard(Arc<Activity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        if let Ok(mut since) = self.0.idle_since.lock() {
+            *since = Instant::now();
+        }
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn serve_connection<I>(io: I, peer: SocketAddr, context: &ConnectionContext, mut shutdown: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        idle_since: Mutex::new(Instant::now()),
+    });
+    let router = Arc::clone(&context.router);
+    let service_activity = Arc::clone(&activity);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let router = Arc::clone(&router);
+        let guard = service_activity.begin();
+        async move {
+            let response = router.route(request).await;
+            drop(guard);
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = context.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+
+    let idle_timeout = context.idle_timeout;
+    let check_every = idle_timeout.map_or(Duration::from_secs(3600), |t| (t / 4).max(Duration::from_millis(50)));
+    let mut idle_check = tokio::time::interval(check_every);
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(listener = context.name, %peer, error = %err, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.wait_for(|stop| *stop), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = idle_check.tick(), if !closing && idle_timeout.is_some() => {
+                if let (Some(idle), Some(limit)) = (activity.idle_for(), idle_timeout) {
+                    if idle >= limit {
+                        tracing::debug!(listener = context.name, %peer, idle_secs = idle.as_secs(), "closing idle connection");
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Sora's stats-exporter payload (PROTOCOL.md §1): parsing and validation into a [`Report`].
+//!
+//! The body is parsed once, borrowing from the request bytes. Each stats object is read only for
+//! its `id`, `type` and `timestamp`; its JSON text is kept byte for byte, so nothing a client sent
+//! is lost, reordered or re-serialised.
+
+use std::borrow::Cow;
+
+use kohaku_sink::{Connection, OffsetDateTime, RawValue, Report, StatsObject};
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+
+/// The header Sora sets on every exporter request, and the only value Kohaku stores.
+pub const EXPORTER_TYPE_HEADER: &str = "x-sora-stats-exporter-type";
+pub const CONNECTION_USER_AGENT: &str = "connection.user-agent";
+
+const SORA_ID_LEN: usize = 26;
+const MAX_NAME_BYTES: usize = 255;
+const ROLES: [&str; 3] = ["sendrecv", "sendonly", "recvonly"];
+
+/// Why a request was refused: the JSON body of the 400 answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InvalidReport {
+    pub error: String,
+    /// The offending field as a path into the body (`stats[3].timestamp`), or the header name.
+    pub field: String,
+}
+
+impl InvalidReport {
+    fn new(field: impl Into<String>, error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            field: field.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for InvalidReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.error)
+    }
+}
+
+/// Checks the exporter-type header. `node.erlang-vm` (Sora's VM metrics, sent by older versions) is
+/// refused like any other type: it holds no WebRTC stats.
+pub fn check_exporter_type(value: Option<&[u8]>) -> Result<(), InvalidReport> {
+    match value {
+        None => Err(InvalidReport::new(
+            EXPORTER_TYPE_HEADER,
+            format!("missing header; expected `{CONNECTION_USER_AGENT}`"),
+        )),
+        Some(value) if value == CONNECTION_USER_AGENT.as_bytes() => Ok(()),
+        Some(value) => Err(InvalidReport::new(
+            EXPORTER_TYPE_HEADER,
+            format!(
+                "unexpected exporter type `{}`; Kohaku accepts only `{CONNECTION_USER_AGENT}`",
+                String::from_utf8_lossy(value)
+            ),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow, rename = "type")]
+    event_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    label: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    node_name: Option<Cow<'a, str>>,
+    multistream: Option<bool>,
+    simulcast: Option<bool>,
+    spotlight: Option<bool>,
+    #[serde(borrow)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    client_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    connection_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    bundle_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    stats: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct ObjectHead<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, rename = "type")]
+    rtc_type: Option<Cow<'a, str>>,
+    timestamp: Option<f64>,
+}
+
+/// Parses and validates one exporter body. `received_at` is when Kohaku got the request.
+pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed: Body<'_> = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let field = err.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
+    })?;
+    deserializer
+        .end()
+        .map_err(|err| InvalidReport::new("", format!("invalid JSON: {err}")))?;
+
+    let event_type = required(parsed.event_type, "type")?;
+    if event_type != CONNECTION_USER_AGENT {
+        return Err(InvalidReport::new(
+            "type",
+            format!("unexpected event type `{event_type}`; expected `{CONNECTION_USER_AGENT}`"),
+        ));
+    }
+    let timestamp = required(parsed.timestamp, "timestamp")?;
+    let sora_timestamp = OffsetDateTime::parse(&timestamp, &Rfc3339)
+        .map_err(|err| {
+            InvalidReport::new(
+                "timestamp",
+                format!("`{timestamp}` is not an RFC 3339 time such as 2025-07-25T06:06:51.592776Z: {err}"),
+            )
+        })?
+        .to_offset(time::UtcOffset::UTC);
+
+    let role = required(parsed.role, "role")?;
+    if !ROLES.contains(&role.as_ref()) {
+        return Err(InvalidReport::new(
+            "role",
+            format!("unexpected role `{role}`; expected one of sendrecv, sendonly, recvonly"),
+        ));
+    }
+    let connection = Connection {
+        channel_id: name(parsed.channel_id, "channel_id")?,
+        session_id: sora_id(parsed.session_id, "session_id")?,
+        client_id: name(parsed.client_id, "client_id")?,
+        connection_id: sora_id(parsed.connection_id, "connection_id")?,
+        bundle_id: parsed.bundle_id.map(Cow::into_owned),
+        label: required(parsed.label, "label")?.into_owned(),
+        version: required(parsed.version, "version")?.into_owned(),
+        node_name: required(parsed.node_name, "node_name")?.into_owned(),
+        role: role.into_owned(),
+        multistream: parsed.multistream,
+        simulcast: required(parsed.simulcast, "simulcast")?,
+        spotlight: required(parsed.spotlight, "spotlight")?,
+    };
+
+    let raw_objects = required(parsed.stats, "stats")?;
+    let mut stats = Vec::with_capacity(raw_objects.len());
+    for (index, raw) in raw_objects.into_iter().enumerate() {
+        stats.push(parse_object(index, raw)?);
+    }
+
+    Ok(Report {
+        connection,
+        sora_timestamp,
+        received_at,
+        stats,
+    })
+}
+
+fn parse_object(index: usize, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
+    let field = |name: &str| format!("stats[{index}]{name}");
+    if !raw.get().starts_with('{') {
+        return Err(InvalidReport::new(field(""), "a stats object must be a JSON object"));
+    }
+    let head: ObjectHead<'_> = serde_json::from_str(raw.get()).map_err(|err| {
+        // serde_json names the field in its message (`invalid type: …, expected a string`); the
+        // path would need a second parse, which bad input does not deserve.
+        InvalidReport::new(field(""), format!("invalid stats object: {err}"))
+    })?;
+    let rtc_id = head
+        .id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| InvalidReport::new(field(".id"), "missing or empty `id`"))?;
+    let rtc_type = head
+        .rtc_type
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| InvalidReport::new(field(".type"), "missing or empty `type`"))?;
+    let rtc_timestamp = head
+        .timestamp
+        .filter(|t| t.is_finite())
+        .ok_or_else(|| InvalidReport::new(field(".timestamp"), "missing `timestamp` (milliseconds since the epoch)"))?;
+    Ok(StatsObject {
+        rtc_id: rtc_id.into_owned(),
+        rtc_type: rtc_type.into_owned(),
+        rtc_timestamp,
+        rtc_data: raw.to_owned(),
+    })
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, InvalidReport> {
+    value.ok_or_else(|| InvalidReport::new(field, format!("missing required field `{field}`")))
+}
+
+fn name(value: Option<Cow<'_, str>>, field: &str) -> Result<String, InvalidReport> {
+    let value = required(value, field)?;
+    if value.is_empty() || value.len() > MAX_NAME_BYTES {
+        return Err(InvalidReport::new(
+            field,
+            format!("must be 1 to {MAX_NAME_BYTES} bytes long, got {}", value.len()),
+        ));
+    }
+    Ok(value.into_owned())
+}
+
+fn sora_id(value: Option<Cow<'_, str>>, field: &str) -> Result<String, InvalidReport> {
+    let value = required(value, field)?;
+    if value.chars().count() != SORA_ID_LEN {
+        return Err(InvalidReport::new(
+            field,
+            format!("`{value}` is not a Sora id: expected {SORA_ID_LEN} characters, got {}", value.chars().count()),
+        ));
+    }
+    Ok(value.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn body() -> Value {
+        json!({
+            "type": "connection.user-agent",
+            "timestamp": "2025-07-25T06:06:51.592776Z",
+            "label": "WebRTC SFU Sora", "version": "2025.2.1", "node_name": "sora@127.0.0.1",
+            "multistream": true, "simulcast": false, "spotlight": false, "role": "sendrecv",
+            "channel_id": "sora", "session_id": "7N8FP3M0ZH2ASBCDPHRGS2HYB8",
+            "client_id": "JXW8K4FG6H7TZ2F63T38ZHSJQG", "connection_id": "JXW8K4FG6H7TZ2F63T38ZHSJQG",
+            "stats": [
+                {"id": "P", "timestamp": 1753423611556.5249, "type": "peer-connection", "dataChannelsOpened": 4},
+                {"id": "OT1", "timestamp": 1753423611556.5249, "type": "outbound-rtp",
+                 "qualityLimitationDurations": {"none": 0.128, "cpu": 0}}
+            ]
+        })
+    }
+
+    fn parse(value: &Value) -> Result<Report, InvalidReport> {
+        parse_report(value.to_string().as_bytes(), OffsetDateTime::now_utc())
+    }
+
+    fn field_of(value: &Value) -> String {
+        parse(value).expect_err("must be refused").field
+    }
+
+    #[test]
+    fn valid_body_keeps_object_text_exactly() {
+        let text = r#"{"type":"connection.user-agent","timestamp":"2025-07-25T06:06:51.592776Z","label":"l","version":"v","node_name":"n","simulcast":false,"spotlight":true,"role":"recvonly","channel_id":"ch","session_id":"7N8FP3M0ZH2ASBCDPHRGS2HYB8","client_id":"c","connection_id":"JXW8K4FG6H7TZ2F63T38ZHSJQG","bundle_id":"b","stats":[{"timestamp":1.50,"z":1e3,"id":"\u00e9","type":"track","a":{"b":[1,2]}}]}"#;
+        let report = parse_report(text.as_bytes(), OffsetDateTime::now_utc()).unwrap();
+        assert_eq!(report.connection.multistream, None);
+        assert_eq!(report.connection.bundle_id.as_deref(), Some("b"));
+        assert!(report.connection.spotlight);
+        let object = &report.stats[0];
+        assert_eq!(object.rtc_id, "é");
+        assert_eq!(object.rtc_type, "track");
+        assert_eq!(object.rtc_timestamp, 1.5);
+        assert_eq!(
+            object.rtc_data.get(),
+            r#"{"timestamp":1.50,"z":1e3,"id":"\u00e9","type":"track","a":{"b":[1,2]}}"#
+        );
+        assert_eq!(report.sora_timestamp.unix_timestamp(), 1753423611);
+        assert_eq!(report.sora_timestamp.microsecond(), 592776);
+    }
+
+    #[test]
+    fn each_required_field_missing_is_named() {
+        for field in [
+            "type", "timestamp", "label", "version", "node_name", "simulcast", "spotlight", "role",
+            "channel_id", "session_id", "client_id", "connection_id", "stats",
+        ] {
+            let mut value = body();
+            value.as_object_mut().unwrap().remove(field);
+            let err = parse(&value).expect_err(field);
+            assert_eq!(err.field, field);
+            assert!(err.error.contains("missing"), "{err}");
+        }
+        let mut value = body();
+        value.as_object_mut().unwrap().remove("multistream");
+        assert_eq!(parse(&value).unwrap().connection.multistream, None);
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        for (field, bad) in [
+            ("simulcast", json!("false")),
+            ("spotlight", json!(null)),
+            ("role", json!("publisher")),
+            ("type", json!("node.erlang-vm")),
+            ("timestamp", json!("yesterday")),
+            ("channel_id", json!("")),
+            ("channel_id", json!("x".repeat(256))),
+            ("client_id", json!(7)),
+            ("session_id", json!("short")),
+            ("connection_id", json!("ABCDEFGHIJKLMNOPQRSTUVWXYZ0")),
+            ("stats", json!({"id": "P"})),
+            ("bundle_id", json!(false)),
+        ] {
+            let mut value = body();
+            value[field] = bad.clone();
+            assert_eq!(field_of(&value), field, "{field} = {bad}");
+        }
+    }
+
+    #[test]
+    fn bad_stats_objects_are_named_by_index() {
+        for (object, field) in [
+            (json!({"type": "codec", "timestamp": 1.0}), "stats[1].id"),
+            (json!({"id": "", "type": "codec", "timestamp": 1.0}), "stats[1].id"),
+            (json!({"id": "C", "timestamp": 1.0}), "stats[1].type"),
+            (json!({"id": "C", "type": "codec"}), "stats[1].timestamp"),
+            (json!({"id": "C", "type": "codec", "timestamp": "1"}), "stats[1]"),
+            (json!({"id": 5, "type": "codec", "timestamp": 1.0}), "stats[1]"),
+            (json!([1, 2]), "stats[1]"),
+        ] {
+            let mut value = body();
+            value["stats"][1] = object.clone();
+            assert_eq!(field_of(&value), field, "{object}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_refused() {
+        for text in ["", "{", "[]", "{\"type\": }", "{} {}", "null"] {
+            let err = parse_report(text.as_bytes(), OffsetDateTime::now_utc()).expect_err(text);
+            assert!(err.error.starts_with("invalid JSON") || err.error.contains("missing"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn exporter_type_header() {
+        assert!(check_exporter_type(Some(b"connection.user-agent")).is_ok());
+        let err = check_exporter_type(Some(b"node.erlang-vm")).unwrap_err();
+        assert_eq!(err.field, EXPORTER_TYPE_HEADER);
+        assert!(err.error.contains("node.erlang-vm"));
+        assert!(check_exporter_type(None).is_err());
+    }
+}
