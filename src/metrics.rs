@@ -153,17 +153,17 @@ impl Metrics {
     /// write or failure.
     pub fn register_sink(&self, name: &str) {
         let labels = Self::sink(name);
-        self.rows_written.get_or_create(&labels);
-        self.rows_duplicate.get_or_create(&labels);
-        self.rows_rejected.get_or_create(&labels);
-        self.rows_dropped.get_or_create(&labels);
-        self.batch_write_seconds.get_or_create(&labels);
-        self.sink_retries.get_or_create(&labels);
+        drop(self.rows_written.get_or_create(&labels));
+        drop(self.rows_duplicate.get_or_create(&labels));
+        drop(self.rows_rejected.get_or_create(&labels));
+        drop(self.rows_dropped.get_or_create(&labels));
+        drop(self.batch_write_seconds.get_or_create(&labels));
+        drop(self.sink_retries.get_or_create(&labels));
         for kind in ["transient", "permanent"] {
-            self.sink_errors.get_or_create(&SinkErrorLabels {
+            drop(self.sink_errors.get_or_create(&SinkErrorLabels {
                 sink: name.to_owned(),
                 kind,
-            });
+            }));
         }
         self.sink_up.get_or_create(&labels).set(1);
     }
