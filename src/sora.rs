@@ -102,15 +102,19 @@ struct ObjectHead<'a> {
 
 /// Parses and validates one exporter body. `received_at` is when Kohaku got the request.
 pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
+    // Serde would read an array as the struct's fields in order, with baffling errors.
+    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|first| *first != b'{') {
+        return Err(InvalidReport::new("body", "invalid JSON: the body must be one JSON object"));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let parsed: Body<'_> = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let field = err.path().to_string();
-        let field = if field == "." { String::new() } else { field };
+        let field = if field == "." || field == "?" { "body".to_owned() } else { field };
         InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
     })?;
     deserializer
         .end()
-        .map_err(|err| InvalidReport::new("", format!("invalid JSON: {err}")))?;
+        .map_err(|err| InvalidReport::new("body", format!("invalid JSON: {err}")))?;
 
     let event_type = required(parsed.event_type, "type")?;
     if event_type != CONNECTION_USER_AGENT {
@@ -327,10 +331,14 @@ mod tests {
 
     #[test]
     fn malformed_json_is_refused() {
-        for text in ["", "{", "[]", "{\"type\": }", "{} {}", "null"] {
+        for text in ["", "{", "[]", "{\"type\" 1}", "{\"type\": \"connection.user-agent\"} {}", "null"] {
             let err = parse_report(text.as_bytes(), OffsetDateTime::now_utc()).expect_err(text);
-            assert!(err.error.starts_with("invalid JSON") || err.error.contains("missing"), "{text}: {err}");
+            assert!(err.error.starts_with("invalid JSON"), "{text}: {err}");
+            assert_eq!(err.field, "body", "{text}");
         }
+        // A syntax error inside a field's value names the field.
+        let err = parse_report(b"{\"channel_id\": tru}", OffsetDateTime::now_utc()).unwrap_err();
+        assert_eq!(err.field, "channel_id");
     }
 
     #[test]

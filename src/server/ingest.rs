@@ -112,9 +112,9 @@ impl IngestRouter {
             }
             Err(SubmitError::QueueFull) => {
                 tracing::debug!(channel_id, connection_id, objects, "queue full; answering 503");
-                unavailable("the queue is full (pipeline.queue_max_rows); retry later")
+                unavailable("queue", "the queue is full (pipeline.queue_max_rows); retry later")
             }
-            Err(SubmitError::Closed) => unavailable("Kohaku is shutting down; retry later"),
+            Err(SubmitError::Closed) => unavailable("server", "Kohaku is shutting down; retry later"),
             Err(err @ SubmitError::TooLarge { .. }) => refuse(StatusCode::PAYLOAD_TOO_LARGE, "stats", &err.to_string()),
         }
     }
@@ -164,8 +164,8 @@ fn refuse(status: StatusCode, field: &str, message: &str) -> HttpResponse {
     response::error(status, field, message)
 }
 
-fn unavailable(message: &str) -> HttpResponse {
-    let mut answer = response::error(StatusCode::SERVICE_UNAVAILABLE, "", message);
+fn unavailable(field: &str, message: &str) -> HttpResponse {
+    let mut answer = response::error(StatusCode::SERVICE_UNAVAILABLE, field, message);
     answer
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));

@@ -30,11 +30,10 @@ pub fn json(status: StatusCode, body: &impl Serialize) -> HttpResponse {
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
-    #[serde(skip_serializing_if = "str::is_empty")]
     field: &'a str,
 }
 
-/// `{"error": ..., "field": ...}`; `field` is left out when empty.
+/// `{"error": ..., "field": ...}`: `field` names what is wrong (a body path, a header, `body`).
 pub fn error(status: StatusCode, field: &str, message: &str) -> HttpResponse {
     json(status, &ErrorBody { error: message, field })
 }

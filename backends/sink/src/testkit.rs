@@ -25,6 +25,7 @@ pub struct ControlledSink {
     name: String,
     blocked: tokio::sync::watch::Sender<bool>,
     failing: AtomicBool,
+    refused_connection: Mutex<Option<String>>,
     write_calls: AtomicU64,
     rows: Mutex<HashMap<RowKey, String>>,
 }
@@ -35,6 +36,7 @@ impl ControlledSink {
             name: name.into(),
             blocked: tokio::sync::watch::Sender::new(false),
             failing: AtomicBool::new(false),
+            refused_connection: Mutex::new(None),
             write_calls: AtomicU64::new(0),
             rows: Mutex::new(HashMap::new()),
         })
@@ -52,6 +54,14 @@ impl ControlledSink {
     /// While set, writes and health checks fail with [`SinkError::Transient`].
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// While set, any write whose batch holds a report of this connection fails with
+    /// [`SinkError::Permanent`], as a store does for data it can never accept.
+    pub fn refuse_connection(&self, connection_id: Option<&str>) {
+        if let Ok(mut refused) = self.refused_connection.lock() {
+            *refused = connection_id.map(str::to_owned);
+        }
     }
 
     pub fn write_calls(&self) -> u64 {
@@ -108,6 +118,15 @@ impl StatsSink for ControlledSink {
         // The sender lives in self, so wait_for cannot fail while self is borrowed.
         let _ = blocked.wait_for(|blocked| !*blocked).await;
         self.check_failing()?;
+        let refused = self.refused_connection.lock().ok().and_then(|refused| refused.clone());
+        if let Some(refused) = refused {
+            if batch.reports().iter().any(|r| r.connection.connection_id == refused) {
+                return Err(SinkError::Permanent {
+                    message: format!("{} refuses connection {refused}", self.name),
+                    source: None,
+                });
+            }
+        }
         let mut rows = self
             .rows
             .lock()

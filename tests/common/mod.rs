@@ -1,0 +1,377 @@
+//! Shared by the end-to-end tests: fixture reports, a running Kohaku, real HTTP/2 clients, and
+//! reading back what SQLite stored.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kohaku::app::App;
+use kohaku::config::Config;
+use kohaku_sink::{RawValue, StatsSink};
+use serde::Deserialize;
+use serde_json::Value;
+
+pub const EXPORTER_TYPE: (&str, &str) = ("x-sora-stats-exporter-type", "connection.user-agent");
+
+pub fn fixture_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative)
+}
+
+/// One stats object as the fixture holds it.
+#[derive(Debug, Clone)]
+pub struct FixtureObject {
+    pub rtc_id: String,
+    pub rtc_type: String,
+    pub rtc_timestamp: f64,
+    pub text: String,
+}
+
+/// One exporter request rebuilt from a Sora log: the lines Sora wrote for one connection at one
+/// export time, as Sora's exporter would have sent them.
+#[derive(Debug, Clone)]
+pub struct FixtureReport {
+    pub channel_id: String,
+    pub connection_id: String,
+    pub role: String,
+    pub objects: Vec<FixtureObject>,
+    pub body: String,
+}
+
+#[derive(Deserialize)]
+struct LogLine {
+    #[serde(rename = "type")]
+    line_type: String,
+    timestamp: String,
+    label: String,
+    version: String,
+    node_name: String,
+    role: String,
+    channel_id: String,
+    session_id: String,
+    client_id: String,
+    connection_id: String,
+    bundle_id: Option<String>,
+    multistream: Option<bool>,
+    simulcast: bool,
+    spotlight: bool,
+    rtc_data: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ObjectHead {
+    id: String,
+    #[serde(rename = "type")]
+    rtc_type: String,
+    timestamp: f64,
+}
+
+/// Reports rebuilt from an `rtc_stats.jsonl` fixture, in file order.
+pub fn fixture_reports(relative: &str) -> Vec<FixtureReport> {
+    let text = std::fs::read_to_string(fixture_path(relative)).expect("fixture readable");
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut groups: HashMap<(String, String), Vec<LogLine>> = HashMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let line: LogLine = serde_json::from_str(line).expect("fixture line parses");
+        assert_eq!(line.line_type, "connection.rtc");
+        let key = (line.connection_id.clone(), line.timestamp.clone());
+        if !groups.contains_key(&key) {
+            order.push(key.clone());
+        }
+        groups.entry(key).or_default().push(line);
+    }
+    order
+        .into_iter()
+        .map(|key| {
+            let lines = groups.remove(&key).expect("grouped");
+            build_report(&lines)
+        })
+        .collect()
+}
+
+fn build_report(lines: &[LogLine]) -> FixtureReport {
+    let first = &lines[0];
+    let mut metadata = serde_json::json!({
+        "type": "connection.user-agent",
+        "timestamp": first.timestamp,
+        "label": first.label,
+        "version": first.version,
+        "node_name": first.node_name,
+        "role": first.role,
+        "channel_id": first.channel_id,
+        "session_id": first.session_id,
+        "client_id": first.client_id,
+        "connection_id": first.connection_id,
+        "simulcast": first.simulcast,
+        "spotlight": first.spotlight,
+    });
+    if let Some(bundle_id) = &first.bundle_id {
+        metadata["bundle_id"] = Value::from(bundle_id.as_str());
+    }
+    if let Some(multistream) = first.multistream {
+        metadata["multistream"] = Value::from(multistream);
+    }
+    let metadata = metadata.to_string();
+    let objects: Vec<FixtureObject> = lines
+        .iter()
+        .map(|line| {
+            let head: ObjectHead = serde_json::from_str(line.rtc_data.get()).expect("object head");
+            FixtureObject {
+                rtc_id: head.id,
+                rtc_type: head.rtc_type,
+                rtc_timestamp: head.timestamp,
+                text: line.rtc_data.get().to_owned(),
+            }
+        })
+        .collect();
+    // The objects' text goes into the body verbatim, so the stored text can be compared exactly.
+    let stats: Vec<&str> = objects.iter().map(|o| o.text.as_str()).collect();
+    let body = format!(
+        "{},\"stats\":[{}]}}",
+        metadata.strip_suffix('}').expect("object"),
+        stats.join(",")
+    );
+    FixtureReport {
+        channel_id: first.channel_id.clone(),
+        connection_id: first.connection_id.clone(),
+        role: first.role.clone(),
+        objects,
+        body,
+    }
+}
+
+/// A small valid report; `seed` varies the connection and the objects' time.
+pub fn small_report(seed: u64, objects: usize) -> Value {
+    let connection_id = sora_id(seed);
+    let stats: Vec<Value> = (0..objects)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("OT{i}"),
+                "type": "outbound-rtp",
+                "timestamp": 1_753_423_611_556.5 + seed as f64,
+                "bytesSent": i * 100 + seed as usize,
+                "qualityLimitationDurations": {"none": 0.128, "cpu": 0}
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "type": "connection.user-agent",
+        "timestamp": "2025-07-25T06:06:51.592776Z",
+        "label": "WebRTC SFU Sora", "version": "2025.2.1", "node_name": "sora@127.0.0.1",
+        "multistream": true, "simulcast": false, "spotlight": false, "role": "sendrecv",
+        "channel_id": "sora", "session_id": "7N8FP3M0ZH2ASBCDPHRGS2HYB8",
+        "client_id": connection_id, "connection_id": connection_id,
+        "stats": stats
+    })
+}
+
+/// A 26-character Sora-style id.
+pub fn sora_id(seed: u64) -> String {
+    format!("{:0>26}", format!("C{seed}"))
+}
+
+/// Defaults, but on loopback with free ports and short batching, as tests want.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.server.listen_addr = [127, 0, 0, 1].into();
+    config.server.listen_port = 0;
+    config.exporter.listen_port = 0;
+    config.pipeline.batch_max_wait_ms = 20;
+    config.pipeline.shutdown_timeout_secs = 10;
+    config.pipeline.retry_initial_backoff_ms = 10;
+    config.pipeline.retry_max_backoff_ms = 100;
+    config
+}
+
+pub async fn start(config: &Config, sinks: Vec<Arc<dyn StatsSink>>) -> App {
+    App::start(config, sinks).await.expect("kohaku starts")
+}
+
+/// A migrated SQLite sink in `dir`.
+pub async fn sqlite_sink(dir: &Path) -> (Arc<dyn StatsSink>, PathBuf) {
+    let path = dir.join("kohaku.db");
+    let sink = kohaku_sqlite::SqliteSink::open(&kohaku_sqlite::SqliteOptions::new(&path)).expect("sqlite opens");
+    sink.migrate().await.expect("sqlite migrates");
+    (Arc::new(sink), path)
+}
+
+/// An answer from Kohaku.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|err| panic!("answer {} is not JSON ({err}): {:?}", self.status, self.body))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A real HTTP/2 client connection (h2c with prior knowledge, or h2 over TLS).
+#[derive(Clone)]
+pub struct H2 {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    scheme: &'static str,
+    authority: String,
+}
+
+impl H2 {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        Self::handshake(tcp, "http", addr).await.expect("h2c handshake")
+    }
+
+    pub async fn connect_tls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Self, String> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(b"h2") {
+            return Err(format!("ALPN negotiated {:?}, not h2", session.alpn_protocol()));
+        }
+        Self::handshake(tls, "https", addr).await
+    }
+
+    async fn handshake<I>(io: I, scheme: &'static str, addr: SocketAddr) -> Result<Self, String>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok(Self {
+            sender,
+            scheme,
+            authority: addr.to_string(),
+        })
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, hyper::Error> {
+        let mut sender = self.sender.clone();
+        let response = sender.send_request(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(format!("{}://{}{}", self.scheme, self.authority, path))
+    }
+
+    /// POST /collector with Sora's headers.
+    pub async fn post_report(&self, body: impl Into<Bytes>) -> Answer {
+        let request = self
+            .request(Method::POST, "/collector")
+            .header(EXPORTER_TYPE.0, EXPORTER_TYPE.1)
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .expect("request");
+        self.send(request).await.expect("request answered")
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        let request = self.request(Method::GET, path).body(Full::new(Bytes::new())).expect("request");
+        self.send(request).await.expect("request answered")
+    }
+}
+
+/// One row of `rtc_stats`.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub channel_id: String,
+    pub session_id: String,
+    pub client_id: String,
+    pub connection_id: String,
+    pub bundle_id: Option<String>,
+    pub rtc_type: String,
+    pub rtc_id: String,
+    pub rtc_timestamp: f64,
+    pub rtc_data: String,
+    pub sora_timestamp: String,
+    pub received_at: String,
+}
+
+pub fn sqlite_rows(path: &Path) -> Vec<StoredRow> {
+    let connection = rusqlite::Connection::open(path).expect("open sqlite");
+    let mut statement = connection
+        .prepare(
+            "SELECT channel_id, session_id, client_id, connection_id, bundle_id, rtc_type, rtc_id, \
+             rtc_timestamp, rtc_data, sora_timestamp, received_at FROM rtc_stats",
+        )
+        .expect("prepare");
+    statement
+        .query_map([], |row| {
+            Ok(StoredRow {
+                channel_id: row.get(0)?,
+                session_id: row.get(1)?,
+                client_id: row.get(2)?,
+                connection_id: row.get(3)?,
+                bundle_id: row.get(4)?,
+                rtc_type: row.get(5)?,
+                rtc_id: row.get(6)?,
+                rtc_timestamp: row.get(7)?,
+                rtc_data: row.get(8)?,
+                sora_timestamp: row.get(9)?,
+                received_at: row.get(10)?,
+            })
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+pub fn sqlite_count(path: &Path, sql: &str) -> i64 {
+    let connection = rusqlite::Connection::open(path).expect("open sqlite");
+    connection.query_row(sql, [], |row| row.get(0)).expect("count query")
+}
+
+/// Polls until `rtc_stats` holds `rows` rows; returns the last count seen.
+pub async fn wait_for_sqlite_rows(path: &Path, rows: i64, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let count = sqlite_count(path, "SELECT count(*) FROM rtc_stats");
+        if count >= rows || tokio::time::Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of one series in the exporter's text, e.g. `kohaku_sink_rows_written_total{sink="sqlite"}`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Polls `/metrics` until `series` reaches `at_least`; returns the last value.
+pub async fn wait_for_metric(exporter: &H2, series: &str, at_least: f64, timeout: Duration) -> f64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let value = metric(&exporter.get("/metrics").await.text(), series).unwrap_or(0.0);
+        if value >= at_least || tokio::time::Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
