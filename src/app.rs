@@ -43,7 +43,10 @@ pub struct App {
 
 impl App {
     /// Starts serving. The sinks must already be migrated.
-    pub async fn start(config: &Config, sinks: Vec<Arc<dyn StatsSink>>) -> Result<Self, StartError> {
+    pub async fn start(
+        config: &Config,
+        sinks: Vec<Arc<dyn StatsSink>>,
+    ) -> Result<Self, StartError> {
         let server_tls = tls::server_config(&config.server)?;
         let ingest_listener = bind(
             "server.listen_addr/listen_port",
@@ -57,8 +60,16 @@ impl App {
         .await?;
 
         let metrics = Arc::new(Metrics::new());
-        let sink_names = sinks.iter().map(|sink| sink.name()).collect::<Vec<_>>().join(",");
-        let pipeline = Pipeline::start(sinks, PipelineOptions::from(&config.pipeline), Arc::clone(&metrics));
+        let sink_names = sinks
+            .iter()
+            .map(|sink| sink.name())
+            .collect::<Vec<_>>()
+            .join(",");
+        let pipeline = Pipeline::start(
+            sinks,
+            PipelineOptions::from(&config.pipeline),
+            Arc::clone(&metrics),
+        );
         let ready = Arc::new(AtomicBool::new(true));
 
         let ingest_router = Arc::new(IngestRouter {
@@ -73,24 +84,40 @@ impl App {
             idle_timeout: (config.server.http2_idle_timeout > 0)
                 .then(|| Duration::from_secs(config.server.http2_idle_timeout)),
         };
-        let ingest_server = Server::start("ingest", ingest_listener, server_tls.clone(), ingest_router, limits.clone())
-            .map_err(|source| StartError::Bind {
-                key: "server.listen_addr/listen_port",
-                addr: SocketAddr::new(config.server.listen_addr, config.server.listen_port),
-                source,
-            })?;
+        let ingest_server = Server::start(
+            "ingest",
+            ingest_listener,
+            server_tls.clone(),
+            ingest_router,
+            limits.clone(),
+        )
+        .map_err(|source| StartError::Bind {
+            key: "server.listen_addr/listen_port",
+            addr: SocketAddr::new(config.server.listen_addr, config.server.listen_port),
+            source,
+        })?;
         let exporter_router = Arc::new(ExporterRouter {
             metrics: Arc::clone(&metrics),
             health: pipeline.health(),
             ready: Arc::clone(&ready),
         });
-        let exporter_tls = if config.exporter.https { server_tls } else { None };
-        let exporter_server = Server::start("exporter", exporter_listener, exporter_tls, exporter_router, limits)
-            .map_err(|source| StartError::Bind {
-                key: "exporter.listen_addr/listen_port",
-                addr: SocketAddr::new(config.exporter.listen_addr, config.exporter.listen_port),
-                source,
-            })?;
+        let exporter_tls = if config.exporter.https {
+            server_tls
+        } else {
+            None
+        };
+        let exporter_server = Server::start(
+            "exporter",
+            exporter_listener,
+            exporter_tls,
+            exporter_router,
+            limits,
+        )
+        .map_err(|source| StartError::Bind {
+            key: "exporter.listen_addr/listen_port",
+            addr: SocketAddr::new(config.exporter.listen_addr, config.exporter.listen_port),
+            source,
+        })?;
 
         tracing::info!(
             ingest_addr = %ingest_server.local_addr(),
@@ -130,9 +157,14 @@ impl App {
         tracing::info!("shutting down: no new connections; finishing open requests");
         self.ingest_server.shutdown(self.shutdown_timeout).await;
         let summary = self.pipeline.shutdown().await;
-        self.exporter_server.shutdown(EXPORTER_SHUTDOWN_DEADLINE).await;
+        self.exporter_server
+            .shutdown(EXPORTER_SHUTDOWN_DEADLINE)
+            .await;
         if summary.dropped_rows > 0 {
-            tracing::error!(dropped_rows = summary.dropped_rows, "shutdown finished; some stats were not written");
+            tracing::error!(
+                dropped_rows = summary.dropped_rows,
+                "shutdown finished; some stats were not written"
+            );
         } else {
             tracing::info!("shutdown finished; every accepted stats object was written");
         }

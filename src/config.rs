@@ -238,7 +238,8 @@ impl Config {
     pub fn to_effective_toml(&self) -> String {
         let mut effective = self.clone();
         effective.sinks = Some(self.effective_sinks());
-        toml::to_string_pretty(&effective).unwrap_or_else(|err| format!("# cannot print config: {err}\n"))
+        toml::to_string_pretty(&effective)
+            .unwrap_or_else(|err| format!("# cannot print config: {err}\n"))
     }
 
     pub fn validate(&self, source: &ConfigSource) -> Result<(), ConfigError> {
@@ -250,10 +251,16 @@ impl Config {
         let server = &self.server;
         if server.https {
             if server.tls_fullchain_file.is_none() {
-                return Err(invalid("server.tls_fullchain_file", "required when server.https = true".into()));
+                return Err(invalid(
+                    "server.tls_fullchain_file",
+                    "required when server.https = true".into(),
+                ));
             }
             if server.tls_privkey_file.is_none() {
-                return Err(invalid("server.tls_privkey_file", "required when server.https = true".into()));
+                return Err(invalid(
+                    "server.tls_privkey_file",
+                    "required when server.https = true".into(),
+                ));
             }
         } else if server.tls_verify_cacert_path.is_some() {
             return Err(invalid(
@@ -262,7 +269,10 @@ impl Config {
             ));
         }
         if server.http2_max_concurrent_streams == 0 {
-            return Err(invalid("server.http2_max_concurrent_streams", "must be at least 1".into()));
+            return Err(invalid(
+                "server.http2_max_concurrent_streams",
+                "must be at least 1".into(),
+            ));
         }
         if !H2_FRAME_SIZE_RANGE.contains(&server.http2_max_read_frame_size) {
             return Err(invalid(
@@ -276,7 +286,10 @@ impl Config {
             ));
         }
         if server.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be at least 1".into()));
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be at least 1".into(),
+            ));
         }
         if self.exporter.https && !server.https {
             return Err(invalid(
@@ -298,13 +311,22 @@ impl Config {
 
         let log = &self.log;
         if log.dir.is_none() && !log.stdout {
-            return Err(invalid("log", "set `dir` or `stdout = true`: as configured Kohaku would log nowhere".into()));
+            return Err(invalid(
+                "log",
+                "set `dir` or `stdout = true`: as configured Kohaku would log nowhere".into(),
+            ));
         }
         if log.name.is_empty() || log.name.contains(['/', '\\']) {
-            return Err(invalid("log.name", format!("{:?} must be a plain file name", log.name)));
+            return Err(invalid(
+                "log.name",
+                format!("{:?} must be a plain file name", log.name),
+            ));
         }
         if log.rotate_max_size == 0 {
-            return Err(invalid("log.rotate_max_size", "must be at least 1 (megabyte)".into()));
+            return Err(invalid(
+                "log.rotate_max_size",
+                "must be at least 1 (megabyte)".into(),
+            ));
         }
 
         let pipeline = &self.pipeline;
@@ -312,7 +334,10 @@ impl Config {
             ("pipeline.queue_max_rows", pipeline.queue_max_rows),
             ("pipeline.batch_max_rows", pipeline.batch_max_rows),
             ("pipeline.batch_max_wait_ms", pipeline.batch_max_wait_ms),
-            ("pipeline.retry_initial_backoff_ms", pipeline.retry_initial_backoff_ms),
+            (
+                "pipeline.retry_initial_backoff_ms",
+                pipeline.retry_initial_backoff_ms,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1".into()));
@@ -321,7 +346,10 @@ impl Config {
         // The queue is a semaphore of rows; tokio caps its permits.
         let max_queue = tokio::sync::Semaphore::MAX_PERMITS as u64;
         if pipeline.queue_max_rows > max_queue {
-            return Err(invalid("pipeline.queue_max_rows", format!("must be at most {max_queue}")));
+            return Err(invalid(
+                "pipeline.queue_max_rows",
+                format!("must be at most {max_queue}"),
+            ));
         }
         if pipeline.batch_max_rows > pipeline.queue_max_rows {
             return Err(invalid(
@@ -381,7 +409,9 @@ mod tests {
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let err = parse("debug = true\n[server]\nlisten_prot = 1\n").unwrap_err().to_string();
+        let err = parse("debug = true\n[server]\nlisten_prot = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("kohaku.toml"), "{err}");
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("unknown field `listen_prot`"), "{err}");
@@ -395,7 +425,9 @@ mod tests {
 
     #[test]
     fn wrong_type_names_key() {
-        let err = parse("[server]\nlisten_port = 70000\n").unwrap_err().to_string();
+        let err = parse("[server]\nlisten_port = 70000\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_port"), "{err}");
         assert!(err.contains("line 2"), "{err}");
     }
@@ -404,11 +436,26 @@ mod tests {
     fn validation_errors_name_the_key_and_file() {
         for (text, key) in [
             ("[server]\nhttps = true\n", "server.tls_fullchain_file"),
-            ("[server]\ntls_verify_cacert_path = 'ca.pem'\n", "server.tls_verify_cacert_path"),
-            ("[server]\nhttp2_max_read_frame_size = 1024\n", "server.http2_max_read_frame_size"),
-            ("[server]\nhttp2_max_concurrent_streams = 0\n", "server.http2_max_concurrent_streams"),
-            ("[pipeline]\nbatch_max_rows = 10\nqueue_max_rows = 5\n", "pipeline.batch_max_rows"),
-            ("[pipeline]\nqueue_max_rows = 0\n", "pipeline.queue_max_rows"),
+            (
+                "[server]\ntls_verify_cacert_path = 'ca.pem'\n",
+                "server.tls_verify_cacert_path",
+            ),
+            (
+                "[server]\nhttp2_max_read_frame_size = 1024\n",
+                "server.http2_max_read_frame_size",
+            ),
+            (
+                "[server]\nhttp2_max_concurrent_streams = 0\n",
+                "server.http2_max_concurrent_streams",
+            ),
+            (
+                "[pipeline]\nbatch_max_rows = 10\nqueue_max_rows = 5\n",
+                "pipeline.batch_max_rows",
+            ),
+            (
+                "[pipeline]\nqueue_max_rows = 0\n",
+                "pipeline.queue_max_rows",
+            ),
             ("[log]\nstdout = false\n", "`log`"),
             ("[sinks]\n", "`sinks`"),
             ("[exporter]\nlisten_port = 5890\n", "exporter.listen_port"),
@@ -434,7 +481,11 @@ mod tests {
         let example = include_str!("../config.example.toml");
         let uncommented: String = example
             .lines()
-            .map(|line| line.strip_prefix("# ").filter(|l| looks_like_key_or_table(l)).unwrap_or(line))
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .filter(|l| looks_like_key_or_table(l))
+                    .unwrap_or(line)
+            })
             .collect::<Vec<_>>()
             .join("\n");
         // Not validated: the sample TLS paths are shown with `https = false`, its default.
@@ -450,7 +501,10 @@ mod tests {
         documented.server.https = false;
         documented.exporter.https = false;
         documented.log.dir = None;
-        assert_eq!(documented, expected, "config.example.toml shows a value that is not the default");
+        assert_eq!(
+            documented, expected,
+            "config.example.toml shows a value that is not the default"
+        );
 
         let printed = toml::to_string(&config).unwrap();
         let printed: toml::Table = toml::from_str(&printed).unwrap();
@@ -460,19 +514,31 @@ mod tests {
                     for (key, nested) in keys {
                         if let toml::Value::Table(inner) = nested {
                             for inner_key in inner.keys() {
-                                assert!(example.contains(&format!("{inner_key} =")), "{table}.{key}.{inner_key} undocumented");
+                                assert!(
+                                    example.contains(&format!("{inner_key} =")),
+                                    "{table}.{key}.{inner_key} undocumented"
+                                );
                             }
                         } else {
-                            assert!(example.contains(&format!("{key} =")), "{table}.{key} undocumented");
+                            assert!(
+                                example.contains(&format!("{key} =")),
+                                "{table}.{key} undocumented"
+                            );
                         }
                     }
                 }
-                _ => assert!(example.contains(&format!("{table} =")), "{table} undocumented"),
+                _ => assert!(
+                    example.contains(&format!("{table} =")),
+                    "{table} undocumented"
+                ),
             }
         }
     }
 
     fn looks_like_key_or_table(line: &str) -> bool {
-        line.starts_with('[') || line.split_once(" = ").is_some_and(|(key, _)| !key.contains(' '))
+        line.starts_with('[')
+            || line
+                .split_once(" = ")
+                .is_some_and(|(key, _)| !key.contains(' '))
     }
 }

@@ -31,13 +31,23 @@ impl Router for ExporterRouter {
             return response::method_not_allowed("GET, HEAD");
         }
         let (path, answer) = match request.uri().path() {
-            "/metrics" => ("/metrics", response::text(StatusCode::OK, OPENMETRICS, self.metrics.encode())),
+            "/metrics" => (
+                "/metrics",
+                response::text(StatusCode::OK, OPENMETRICS, self.metrics.encode()),
+            ),
             "/health" => ("/health", health_response(&self.health).await),
             "/ready" => {
                 let ready = self.ready.load(Ordering::SeqCst);
-                let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 let state = if ready { "ready" } else { "shutting down" };
-                ("/ready", response::json(status, &serde_json::json!({ "status": state })))
+                (
+                    "/ready",
+                    response::json(status, &serde_json::json!({ "status": state })),
+                )
             }
             other => ("other", response::not_found(other)),
         };

@@ -35,12 +35,15 @@ pub fn init(config: &LogConfig, debug: bool) -> Result<LogGuard, LogError> {
     } else {
         "info"
     };
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let mut writers = Vec::new();
     let mut layers: Vec<Box<dyn Layer<_> + Send + Sync>> = Vec::new();
 
     if config.stdout {
-        let (writer, guard) = NonBlockingBuilder::default().lossy(false).finish(std::io::stdout());
+        let (writer, guard) = NonBlockingBuilder::default()
+            .lossy(false)
+            .finish(std::io::stdout());
         writers.push(guard);
         layers.push(json_layer(writer).with_filter(filter()).boxed());
     }
@@ -51,7 +54,9 @@ pub fn init(config: &LogConfig, debug: bool) -> Result<LogGuard, LogError> {
         };
         std::fs::create_dir_all(dir).map_err(|err| file_error(err.to_string()))?;
         let roller = logroller::LogRollerBuilder::new(dir.as_path(), Path::new(&config.name))
-            .rotation(logroller::Rotation::SizeBased(logroller::RotationSize::MB(config.rotate_max_size)))
+            .rotation(logroller::Rotation::SizeBased(logroller::RotationSize::MB(
+                config.rotate_max_size,
+            )))
             .max_keep_files(config.rotate_max_backups)
             .build()
             .map_err(|err| file_error(err.to_string()))?;
@@ -59,7 +64,11 @@ pub fn init(config: &LogConfig, debug: bool) -> Result<LogGuard, LogError> {
         writers.push(guard);
         layers.push(json_layer(writer).with_filter(filter()).boxed());
         if config.rotate_max_age > 0 {
-            spawn_age_pruning(dir.clone(), config.name.clone(), Duration::from_secs(config.rotate_max_age * 86_400));
+            spawn_age_pruning(
+                dir.clone(),
+                config.name.clone(),
+                Duration::from_secs(config.rotate_max_age * 86_400),
+            );
         }
     }
     tracing_subscriber::registry()
@@ -100,7 +109,12 @@ fn spawn_age_pruning(dir: PathBuf, name: String, max_age: Duration) {
 
 /// Deletes `name.N` (and `name.N.gz`) files in `dir` last modified more than `max_age` before
 /// `now`; the live file is never touched. Returns what it removed.
-pub fn prune_rotated_logs(dir: &Path, name: &str, max_age: Duration, now: SystemTime) -> Vec<PathBuf> {
+pub fn prune_rotated_logs(
+    dir: &Path,
+    name: &str,
+    max_age: Duration,
+    now: SystemTime,
+) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -135,7 +149,13 @@ mod tests {
     #[test]
     fn prunes_only_old_rotated_files() {
         let dir = tempfile::tempdir().unwrap();
-        for file in ["kohaku.jsonl", "kohaku.jsonl.1", "kohaku.jsonl.2.gz", "kohaku.jsonl.old", "other.log.1"] {
+        for file in [
+            "kohaku.jsonl",
+            "kohaku.jsonl.1",
+            "kohaku.jsonl.2.gz",
+            "kohaku.jsonl.old",
+            "other.log.1",
+        ] {
             std::fs::write(dir.path().join(file), "{}\n").unwrap();
         }
         let day = Duration::from_secs(86_400);

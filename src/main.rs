@@ -82,10 +82,15 @@ async fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "kohaku starting");
     let sinks = kohaku::sinks::build(&config.effective_sinks())?;
     kohaku::sinks::migrate(&sinks).await?;
-    let app = App::start(&config, sinks).await.context("cannot start serving")?;
+    let app = App::start(&config, sinks)
+        .await
+        .context("cannot start serving")?;
 
     let signal = wait_for_signal().await?;
-    tracing::info!(signal, "signal received; shutting down (send it again to exit at once)");
+    tracing::info!(
+        signal,
+        "signal received; shutting down (send it again to exit at once)"
+    );
     tokio::spawn(async {
         if let Ok(signal) = wait_for_signal().await {
             tracing::error!(signal, "second signal: exiting without finishing the flush");

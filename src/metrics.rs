@@ -58,7 +58,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kohaku");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests answered, by path and status", requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by path and status",
+            requests.clone(),
+        );
         let reports_received = Counter::default();
         registry.register(
             "reports_received",
@@ -72,7 +76,11 @@ impl Metrics {
             stats_objects_received.clone(),
         );
         let rows_written = Family::<SinkLabels, Counter>::default();
-        registry.register("sink_rows_written", "Stats rows newly stored, per sink", rows_written.clone());
+        registry.register(
+            "sink_rows_written",
+            "Stats rows newly stored, per sink",
+            rows_written.clone(),
+        );
         let rows_duplicate = Family::<SinkLabels, Counter>::default();
         registry.register(
             "sink_rows_duplicate",
@@ -105,7 +113,11 @@ impl Metrics {
             sink_errors.clone(),
         );
         let sink_retries = Family::<SinkLabels, Counter>::default();
-        registry.register("sink_retries", "Batch writes retried after a transient failure", sink_retries.clone());
+        registry.register(
+            "sink_retries",
+            "Batch writes retried after a transient failure",
+            sink_retries.clone(),
+        );
         let sink_up = Family::<SinkLabels, Gauge>::default();
         registry.register(
             "sink_up",
@@ -169,7 +181,9 @@ impl Metrics {
     }
 
     pub fn sink(name: &str) -> SinkLabels {
-        SinkLabels { sink: name.to_owned() }
+        SinkLabels {
+            sink: name.to_owned(),
+        }
     }
 
     /// The OpenMetrics text exposition, which Prometheus scrapes natively.

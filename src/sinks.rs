@@ -9,7 +9,10 @@ use crate::config::SinksConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("[sinks.{sink}] is configured but this Kohaku was built without the `{feature}` feature; rebuild with `cargo build --release --features {feature}`")]
-    NotCompiled { sink: &'static str, feature: &'static str },
+    NotCompiled {
+        sink: &'static str,
+        feature: &'static str,
+    },
     #[error("cannot open sink `{sink}`: {}", source.detailed())]
     Open {
         sink: &'static str,
@@ -34,16 +37,23 @@ pub fn build(config: &SinksConfig) -> Result<Vec<Arc<dyn StatsSink>>, BuildError
 }
 
 #[cfg(feature = "sqlite")]
-fn build_sqlite(config: &crate::config::SqliteSinkConfig) -> Result<Arc<dyn StatsSink>, BuildError> {
+fn build_sqlite(
+    config: &crate::config::SqliteSinkConfig,
+) -> Result<Arc<dyn StatsSink>, BuildError> {
     let mut options = kohaku_sqlite::SqliteOptions::new(&config.path);
     options.busy_timeout = std::time::Duration::from_millis(config.busy_timeout_ms);
-    let sink = kohaku_sqlite::SqliteSink::open(&options).map_err(|source| BuildError::Open { sink: "sqlite", source })?;
+    let sink = kohaku_sqlite::SqliteSink::open(&options).map_err(|source| BuildError::Open {
+        sink: "sqlite",
+        source,
+    })?;
     tracing::info!(path = %config.path.display(), "sqlite sink opened");
     Ok(Arc::new(sink))
 }
 
 #[cfg(not(feature = "sqlite"))]
-fn build_sqlite(_config: &crate::config::SqliteSinkConfig) -> Result<Arc<dyn StatsSink>, BuildError> {
+fn build_sqlite(
+    _config: &crate::config::SqliteSinkConfig,
+) -> Result<Arc<dyn StatsSink>, BuildError> {
     Err(BuildError::NotCompiled {
         sink: "sqlite",
         feature: "sqlite",

@@ -103,13 +103,24 @@ struct ObjectHead<'a> {
 /// Parses and validates one exporter body. `received_at` is when Kohaku got the request.
 pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
     // Serde would read an array as the struct's fields in order, with baffling errors.
-    if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|first| *first != b'{') {
-        return Err(InvalidReport::new("body", "invalid JSON: the body must be one JSON object"));
+    if body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|first| *first != b'{')
+    {
+        return Err(InvalidReport::new(
+            "body",
+            "invalid JSON: the body must be one JSON object",
+        ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let parsed: Body<'_> = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let field = err.path().to_string();
-        let field = if field == "." || field == "?" { "body".to_owned() } else { field };
+        let field = if field == "." || field == "?" {
+            "body".to_owned()
+        } else {
+            field
+        };
         InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
     })?;
     deserializer
@@ -172,7 +183,10 @@ pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, 
 fn parse_object(index: usize, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
     let field = |name: &str| format!("stats[{index}]{name}");
     if !raw.get().starts_with('{') {
-        return Err(InvalidReport::new(field(""), "a stats object must be a JSON object"));
+        return Err(InvalidReport::new(
+            field(""),
+            "a stats object must be a JSON object",
+        ));
     }
     let head: ObjectHead<'_> = serde_json::from_str(raw.get()).map_err(|err| {
         // serde_json names the field in its message (`invalid type: …, expected a string`); the
@@ -187,10 +201,12 @@ fn parse_object(index: usize, raw: &RawValue) -> Result<StatsObject, InvalidRepo
         .rtc_type
         .filter(|t| !t.is_empty())
         .ok_or_else(|| InvalidReport::new(field(".type"), "missing or empty `type`"))?;
-    let rtc_timestamp = head
-        .timestamp
-        .filter(|t| t.is_finite())
-        .ok_or_else(|| InvalidReport::new(field(".timestamp"), "missing `timestamp` (milliseconds since the epoch)"))?;
+    let rtc_timestamp = head.timestamp.filter(|t| t.is_finite()).ok_or_else(|| {
+        InvalidReport::new(
+            field(".timestamp"),
+            "missing `timestamp` (milliseconds since the epoch)",
+        )
+    })?;
     Ok(StatsObject {
         rtc_id: rtc_id.into_owned(),
         rtc_type: rtc_type.into_owned(),
@@ -208,7 +224,10 @@ fn name(value: Option<Cow<'_, str>>, field: &str) -> Result<String, InvalidRepor
     if value.is_empty() || value.len() > MAX_NAME_BYTES {
         return Err(InvalidReport::new(
             field,
-            format!("must be 1 to {MAX_NAME_BYTES} bytes long, got {}", value.len()),
+            format!(
+                "must be 1 to {MAX_NAME_BYTES} bytes long, got {}",
+                value.len()
+            ),
         ));
     }
     Ok(value.into_owned())
@@ -219,7 +238,10 @@ fn sora_id(value: Option<Cow<'_, str>>, field: &str) -> Result<String, InvalidRe
     if value.chars().count() != SORA_ID_LEN {
         return Err(InvalidReport::new(
             field,
-            format!("`{value}` is not a Sora id: expected {SORA_ID_LEN} characters, got {}", value.chars().count()),
+            format!(
+                "`{value}` is not a Sora id: expected {SORA_ID_LEN} characters, got {}",
+                value.chars().count()
+            ),
         ));
     }
     Ok(value.into_owned())
@@ -239,8 +261,8 @@ mod tests {
             "channel_id": "sora", "session_id": "7N8FP3M0ZH2ASBCDPHRGS2HYB8",
             "client_id": "JXW8K4FG6H7TZ2F63T38ZHSJQG", "connection_id": "JXW8K4FG6H7TZ2F63T38ZHSJQG",
             "stats": [
-                {"id": "P", "timestamp": 1753423611556.5249, "type": "peer-connection", "dataChannelsOpened": 4},
-                {"id": "OT1", "timestamp": 1753423611556.5249, "type": "outbound-rtp",
+                {"id": "P", "timestamp": 1_753_423_611_556.525, "type": "peer-connection", "dataChannelsOpened": 4},
+                {"id": "OT1", "timestamp": 1_753_423_611_556.525, "type": "outbound-rtp",
                  "qualityLimitationDurations": {"none": 0.128, "cpu": 0}}
             ]
         })
@@ -276,8 +298,19 @@ mod tests {
     #[test]
     fn each_required_field_missing_is_named() {
         for field in [
-            "type", "timestamp", "label", "version", "node_name", "simulcast", "spotlight", "role",
-            "channel_id", "session_id", "client_id", "connection_id", "stats",
+            "type",
+            "timestamp",
+            "label",
+            "version",
+            "node_name",
+            "simulcast",
+            "spotlight",
+            "role",
+            "channel_id",
+            "session_id",
+            "client_id",
+            "connection_id",
+            "stats",
         ] {
             let mut value = body();
             value.as_object_mut().unwrap().remove(field);
@@ -316,11 +349,20 @@ mod tests {
     fn bad_stats_objects_are_named_by_index() {
         for (object, field) in [
             (json!({"type": "codec", "timestamp": 1.0}), "stats[1].id"),
-            (json!({"id": "", "type": "codec", "timestamp": 1.0}), "stats[1].id"),
+            (
+                json!({"id": "", "type": "codec", "timestamp": 1.0}),
+                "stats[1].id",
+            ),
             (json!({"id": "C", "timestamp": 1.0}), "stats[1].type"),
             (json!({"id": "C", "type": "codec"}), "stats[1].timestamp"),
-            (json!({"id": "C", "type": "codec", "timestamp": "1"}), "stats[1]"),
-            (json!({"id": 5, "type": "codec", "timestamp": 1.0}), "stats[1]"),
+            (
+                json!({"id": "C", "type": "codec", "timestamp": "1"}),
+                "stats[1]",
+            ),
+            (
+                json!({"id": 5, "type": "codec", "timestamp": 1.0}),
+                "stats[1]",
+            ),
             (json!([1, 2]), "stats[1]"),
         ] {
             let mut value = body();
@@ -331,7 +373,14 @@ mod tests {
 
     #[test]
     fn malformed_json_is_refused() {
-        for text in ["", "{", "[]", "{\"type\" 1}", "{\"type\": \"connection.user-agent\"} {}", "null"] {
+        for text in [
+            "",
+            "{",
+            "[]",
+            "{\"type\" 1}",
+            "{\"type\": \"connection.user-agent\"} {}",
+            "null",
+        ] {
             let err = parse_report(text.as_bytes(), OffsetDateTime::now_utc()).expect_err(text);
             assert!(err.error.starts_with("invalid JSON"), "{text}: {err}");
             assert_eq!(err.field, "body", "{text}");

@@ -17,7 +17,11 @@ fn kohaku() -> Command {
 }
 
 fn run(args: &[&str], cwd: &Path) -> Output {
-    kohaku().args(args).current_dir(cwd).output().expect("kohaku runs")
+    kohaku()
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("kohaku runs")
 }
 
 fn stderr(output: &Output) -> String {
@@ -40,17 +44,34 @@ fn check_config_prints_the_effective_config() {
     let dir = tempfile::tempdir().unwrap();
     let output = run(&["check-config"], dir.path());
     assert!(output.status.success(), "{}", stderr(&output));
-    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&output.stdout)).expect("prints TOML");
+    let printed: toml::Table =
+        toml::from_str(&String::from_utf8_lossy(&output.stdout)).expect("prints TOML");
     assert_eq!(printed["server"]["listen_port"].as_integer(), Some(5890));
-    assert_eq!(printed["sinks"]["sqlite"]["path"].as_str(), Some("kohaku.db"));
-    assert!(!dir.path().join("kohaku.db").exists(), "check-config touches no database");
+    assert_eq!(
+        printed["sinks"]["sqlite"]["path"].as_str(),
+        Some("kohaku.db")
+    );
+    assert!(
+        !dir.path().join("kohaku.db").exists(),
+        "check-config touches no database"
+    );
 
-    std::fs::write(dir.path().join("k.toml"), "[sinks.sqlite]\npath = \"stats.db\"\n[pipeline]\nbatch_max_rows = 100\n").unwrap();
+    std::fs::write(
+        dir.path().join("k.toml"),
+        "[sinks.sqlite]\npath = \"stats.db\"\n[pipeline]\nbatch_max_rows = 100\n",
+    )
+    .unwrap();
     let output = run(&["check-config", "--config", "k.toml"], dir.path());
     assert!(output.status.success(), "{}", stderr(&output));
     let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&output.stdout)).unwrap();
-    assert_eq!(printed["sinks"]["sqlite"]["path"].as_str(), Some("stats.db"));
-    assert_eq!(printed["pipeline"]["batch_max_rows"].as_integer(), Some(100));
+    assert_eq!(
+        printed["sinks"]["sqlite"]["path"].as_str(),
+        Some("stats.db")
+    );
+    assert_eq!(
+        printed["pipeline"]["batch_max_rows"].as_integer(),
+        Some(100)
+    );
 }
 
 #[test]
@@ -87,7 +108,10 @@ fn migrate_creates_the_schema_once() {
         assert!(output.status.success(), "{}", stderr(&output));
     }
     let db = dir.path().join("kohaku.db");
-    assert_eq!(sqlite_count(&db, "SELECT count(*) FROM kohaku_schema_migrations"), 1);
+    assert_eq!(
+        sqlite_count(&db, "SELECT count(*) FROM kohaku_schema_migrations"),
+        1
+    );
     assert_eq!(
         sqlite_count(&db, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('rtc_stats', 'sora_connection')"),
         2
@@ -107,26 +131,43 @@ fn serve_names_the_port_it_cannot_bind() {
     let output = run(&["serve", "--config", "k.toml"], dir.path());
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
-    assert!(message.contains("server.listen_addr/listen_port") && message.contains(&port.to_string()), "{message}");
+    assert!(
+        message.contains("server.listen_addr/listen_port") && message.contains(&port.to_string()),
+        "{message}"
+    );
+}
+
+/// Kills the process if a test ends (or fails) while it still runs.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
 }
 
 /// A `kohaku serve` process and the addresses it logged.
 struct Served {
-    child: Child,
+    child: ChildGuard,
     ingest: std::net::SocketAddr,
     stdout_lines: std::sync::mpsc::Receiver<String>,
 }
 
 fn serve(dir: &Path, config: &str) -> Served {
     std::fs::write(dir.join("k.toml"), config).unwrap();
-    let mut child = kohaku()
-        .args(["serve", "--config", "k.toml"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("kohaku serve starts");
-    let stdout = child.stdout.take().unwrap();
+    let mut child = ChildGuard(
+        kohaku()
+            .args(["serve", "--config", "k.toml"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("kohaku serve starts"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let (lines_tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -182,26 +223,42 @@ async fn sigterm_writes_every_queued_report_before_exiting() {
     let reports = fixture_reports("sora-logs/rtc_stats.sample.jsonl");
     let mut objects = 0;
     for report in &reports {
-        assert_eq!(client.post_report(report.body.clone()).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            client.post_report(report.body.clone()).await.status,
+            StatusCode::NO_CONTENT
+        );
         objects += report.objects.len() as i64;
     }
     let db = dir.path().join("stats.db");
-    assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), 0, "still queued");
+    assert_eq!(
+        sqlite_count(&db, "SELECT count(*) FROM rtc_stats"),
+        0,
+        "still queued"
+    );
 
     // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(served.child.id() as i32, libc::SIGTERM) }, 0);
-    let status = wait_exit(&mut served.child, Duration::from_secs(30));
+    assert_eq!(
+        unsafe { libc::kill(served.child.0.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = wait_exit(&mut served.child.0, Duration::from_secs(30));
     assert!(status.success(), "exit status {status}");
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), objects);
 
     let stdout: Vec<String> = served.stdout_lines.try_iter().collect();
     assert!(stdout.iter().any(|l| l.contains("SIGTERM")), "{stdout:?}");
     // The same events went to the log file, as JSON lines.
-    let log = std::fs::read_to_string(dir.path().join("logs/kohaku.jsonl")).expect("log file written");
-    let events: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let log =
+        std::fs::read_to_string(dir.path().join("logs/kohaku.jsonl")).expect("log file written");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     assert!(events.iter().any(|e| e["message"] == "kohaku listening"));
     assert!(events
         .iter()
         .any(|e| e["message"] == "shutdown finished; every accepted stats object was written"));
-    assert!(events.iter().all(|e| e["level"].is_string() && e["timestamp"].is_string()));
+    assert!(events
+        .iter()
+        .all(|e| e["level"].is_string() && e["timestamp"].is_string()));
 }

@@ -23,7 +23,10 @@ async fn fixture_reports_are_stored_whole_in_sqlite() {
     let client = H2::connect(app.ingest_addr()).await;
 
     let mut expected = Vec::new();
-    for file in ["chromium/rtc_stats.chromium-av.jsonl", "sora-logs/rtc_stats.sample.jsonl"] {
+    for file in [
+        "chromium/rtc_stats.chromium-av.jsonl",
+        "sora-logs/rtc_stats.sample.jsonl",
+    ] {
         for report in fixture_reports(file) {
             let answer = client.post_report(report.body.clone()).await;
             assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
@@ -37,7 +40,15 @@ async fn fixture_reports_are_stored_whole_in_sqlite() {
     // until the next RTCP report: the idempotency key stores each once.
     let distinct: std::collections::HashSet<(String, String, u64)> = expected
         .iter()
-        .flat_map(|r| r.objects.iter().map(|o| (r.connection_id.clone(), o.rtc_id.clone(), o.rtc_timestamp.to_bits())))
+        .flat_map(|r| {
+            r.objects.iter().map(|o| {
+                (
+                    r.connection_id.clone(),
+                    o.rtc_id.clone(),
+                    o.rtc_timestamp.to_bits(),
+                )
+            })
+        })
         .collect();
     assert_eq!(distinct.len(), 374 + 378);
     let distinct = distinct.len() as i64;
@@ -46,18 +57,34 @@ async fn fixture_reports_are_stored_whole_in_sqlite() {
     let rows = sqlite_rows(&db);
     let stored: std::collections::HashMap<(String, String, u64), &StoredRow> = rows
         .iter()
-        .map(|row| ((row.connection_id.clone(), row.rtc_id.clone(), row.rtc_timestamp.to_bits()), row))
+        .map(|row| {
+            (
+                (
+                    row.connection_id.clone(),
+                    row.rtc_id.clone(),
+                    row.rtc_timestamp.to_bits(),
+                ),
+                row,
+            )
+        })
         .collect();
     for report in &expected {
         for object in &report.objects {
-            let key = (report.connection_id.clone(), object.rtc_id.clone(), object.rtc_timestamp.to_bits());
+            let key = (
+                report.connection_id.clone(),
+                object.rtc_id.clone(),
+                object.rtc_timestamp.to_bits(),
+            );
             let row = stored
                 .get(&key)
                 .unwrap_or_else(|| panic!("object {key:?} missing from rtc_stats"));
             let sent: Value = serde_json::from_str(&object.text).unwrap();
             let kept: Value = serde_json::from_str(&row.rtc_data).unwrap();
             assert_eq!(kept, sent, "rtc_data of {key:?} differs");
-            assert_eq!(row.rtc_data, object.text, "rtc_data of {key:?} is not the text sent");
+            assert_eq!(
+                row.rtc_data, object.text,
+                "rtc_data of {key:?} is not the text sent"
+            );
             assert_eq!(row.rtc_type, object.rtc_type);
             assert_eq!(row.channel_id, report.channel_id);
         }
@@ -73,11 +100,14 @@ async fn fixture_reports_are_stored_whole_in_sqlite() {
         .iter()
         .any(|row| row.rtc_data.contains("\"qualityLimitationDurations\":{")));
     // Times are ISO-8601 UTC with microseconds.
-    assert!(rows.iter().all(|row| row.sora_timestamp.len() == 27 && row.sora_timestamp.ends_with('Z')));
+    assert!(rows
+        .iter()
+        .all(|row| row.sora_timestamp.len() == 27 && row.sora_timestamp.ends_with('Z')));
     assert!(rows.iter().all(|row| row.received_at.ends_with('Z')));
 
     let connections = sqlite_count(&db, "SELECT count(*) FROM sora_connection");
-    let distinct: std::collections::HashSet<_> = expected.iter().map(|r| &r.connection_id).collect();
+    let distinct: std::collections::HashSet<_> =
+        expected.iter().map(|r| &r.connection_id).collect();
     assert_eq!(connections, distinct.len() as i64);
     let roles = sqlite_count(
         &db,
@@ -85,7 +115,12 @@ async fn fixture_reports_are_stored_whole_in_sqlite() {
     );
     assert_eq!(roles, connections);
     // The Sora log has no `multistream`: stored as NULL.
-    assert!(sqlite_count(&db, "SELECT count(*) FROM sora_connection WHERE multistream IS NULL") > 0);
+    assert!(
+        sqlite_count(
+            &db,
+            "SELECT count(*) FROM sora_connection WHERE multistream IS NULL"
+        ) > 0
+    );
 
     app.shutdown().await;
 }
@@ -99,10 +134,22 @@ async fn the_same_report_twice_is_stored_once() {
     let exporter = H2::connect(app.exporter_addr()).await;
 
     let body = small_report(1, 5).to_string();
-    assert_eq!(client.post_report(body.clone()).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        client.post_report(body.clone()).await.status,
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(wait_for_sqlite_rows(&db, 5, WAIT).await, 5);
-    assert_eq!(client.post_report(body).await.status, StatusCode::NO_CONTENT);
-    let duplicates = wait_for_metric(&exporter, "kohaku_sink_rows_duplicate_total{sink=\"sqlite\"}", 5.0, WAIT).await;
+    assert_eq!(
+        client.post_report(body).await.status,
+        StatusCode::NO_CONTENT
+    );
+    let duplicates = wait_for_metric(
+        &exporter,
+        "kohaku_sink_rows_duplicate_total{sink=\"sqlite\"}",
+        5.0,
+        WAIT,
+    )
+    .await;
     assert_eq!(duplicates, 5.0);
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), 5);
     app.shutdown().await;
@@ -123,7 +170,9 @@ async fn many_concurrent_streams_are_all_stored() {
         for r in 0..per_connection {
             let client = client.clone();
             let body = small_report(c * 1000 + r, objects).to_string();
-            tasks.push(tokio::spawn(async move { client.post_report(body).await.status }));
+            tasks.push(tokio::spawn(async move {
+                client.post_report(body).await.status
+            }));
         }
     }
     for task in tasks {
@@ -154,8 +203,19 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
             ("not an object", "[1,2]".to_owned(), "body"),
         ];
         for field in [
-            "type", "timestamp", "label", "version", "node_name", "simulcast", "spotlight", "role", "channel_id",
-            "session_id", "client_id", "connection_id", "stats",
+            "type",
+            "timestamp",
+            "label",
+            "version",
+            "node_name",
+            "simulcast",
+            "spotlight",
+            "role",
+            "channel_id",
+            "session_id",
+            "client_id",
+            "connection_id",
+            "stats",
         ] {
             let mut body = small_report(1, 2);
             body.as_object_mut().unwrap().remove(field);
@@ -174,9 +234,18 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
             cases.push(("invalid field", body.to_string(), field));
         }
         for (object, field) in [
-            (serde_json::json!({"type": "codec", "timestamp": 1.0}), "stats[1].id"),
-            (serde_json::json!({"id": "C1", "timestamp": 1.0}), "stats[1].type"),
-            (serde_json::json!({"id": "C1", "type": "codec"}), "stats[1].timestamp"),
+            (
+                serde_json::json!({"type": "codec", "timestamp": 1.0}),
+                "stats[1].id",
+            ),
+            (
+                serde_json::json!({"id": "C1", "timestamp": 1.0}),
+                "stats[1].type",
+            ),
+            (
+                serde_json::json!({"id": "C1", "type": "codec"}),
+                "stats[1].timestamp",
+            ),
         ] {
             let mut body = small_report(1, 2);
             body["stats"][1] = object;
@@ -186,20 +255,32 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
     };
     for (case, body, field) in &cases {
         let answer = client.post_report(body.clone()).await;
-        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{case} {field}: {}", answer.text());
+        assert_eq!(
+            answer.status,
+            StatusCode::BAD_REQUEST,
+            "{case} {field}: {}",
+            answer.text()
+        );
         assert_eq!(answer.headers["content-type"], "application/json");
         let error = answer.json();
-        assert!(error["error"].as_str().is_some_and(|e| !e.is_empty()), "{case}: {error}");
+        assert!(
+            error["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{case}: {error}"
+        );
         assert_eq!(error["field"], *field, "{case}: {error}");
     }
 
     // Wrong and missing exporter type.
     for exporter_type in [Some("node.erlang-vm"), None] {
-        let mut request = client.request(Method::POST, "/collector").header("content-type", "application/json");
+        let mut request = client
+            .request(Method::POST, "/collector")
+            .header("content-type", "application/json");
         if let Some(value) = exporter_type {
             request = request.header("x-sora-stats-exporter-type", value);
         }
-        let request = request.body(Full::new(Bytes::from(small_report(1, 2).to_string()))).unwrap();
+        let request = request
+            .body(Full::new(Bytes::from(small_report(1, 2).to_string())))
+            .unwrap();
         let answer = client.send(request).await.unwrap();
         assert_eq!(answer.status, StatusCode::BAD_REQUEST);
         let error = answer.json();
@@ -226,7 +307,10 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
     let answer = client.post_report(huge).await;
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(answer.json()["field"], "body");
-    assert!(answer.json()["error"].as_str().unwrap().contains("max_body_bytes"));
+    assert!(answer.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("max_body_bytes"));
 
     // Unknown path and wrong method.
     let answer = client.get("/nope").await;
@@ -243,12 +327,22 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
 
     // Nothing refused was stored, and the same connection still works.
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), 0);
-    assert_eq!(client.post_report(small_report(2, 3).to_string()).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        client
+            .post_report(small_report(2, 3).to_string())
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(wait_for_sqlite_rows(&db, 3, WAIT).await, 3);
 
     let exporter = H2::connect(app.exporter_addr()).await;
     let metrics = exporter.get("/metrics").await.text();
-    let refused = metric(&metrics, "kohaku_http_requests_total{path=\"/collector\",status=\"400\"}").unwrap();
+    let refused = metric(
+        &metrics,
+        "kohaku_http_requests_total{path=\"/collector\",status=\"400\"}",
+    )
+    .unwrap();
     assert_eq!(refused, (cases.len() + 2 + 1) as f64);
     app.shutdown().await;
 }
@@ -256,9 +350,10 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
 async fn http1_post(addr: std::net::SocketAddr, body: String) -> Answer {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let request = http::Request::post(format!("http://{addr}/collector"))
         .header(EXPORTER_TYPE.0, EXPORTER_TYPE.1)
@@ -269,7 +364,11 @@ async fn http1_post(addr: std::net::SocketAddr, body: String) -> Answer {
     let status = response.status();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    Answer { status, headers, body }
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,7 +405,10 @@ async fn full_queue_answers_503_with_retry_after_and_recovers() {
     assert_eq!(answer.json()["field"], "stats");
 
     sink.unblock();
-    assert!(sink.wait_for_rows(50, WAIT).await, "accepted rows reach the sink");
+    assert!(
+        sink.wait_for_rows(50, WAIT).await,
+        "accepted rows reach the sink"
+    );
     let answer = client.post_report(small_report(100, 10).to_string()).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT);
     assert!(sink.wait_for_rows(60, WAIT).await);
@@ -318,16 +420,29 @@ async fn metrics_move_and_health_names_a_failing_sink() {
     let dir = tempfile::tempdir().unwrap();
     let (sqlite, _db) = sqlite_sink(dir.path()).await;
     let flaky = ControlledSink::new("flaky");
-    let app = start(&test_config(), vec![sqlite, flaky.clone() as Arc<dyn StatsSink>]).await;
+    let app = start(
+        &test_config(),
+        vec![sqlite, flaky.clone() as Arc<dyn StatsSink>],
+    )
+    .await;
     let client = H2::connect(app.ingest_addr()).await;
     let exporter = H2::connect(app.exporter_addr()).await;
 
     let before = exporter.get("/metrics").await;
     assert_eq!(before.status, StatusCode::OK);
-    assert!(before.headers["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
+    assert!(before.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
     let before = before.text();
-    assert_eq!(metric(&before, "kohaku_stats_objects_received_total"), Some(0.0));
-    assert_eq!(metric(&before, "kohaku_sink_rows_written_total{sink=\"sqlite\"}"), Some(0.0));
+    assert_eq!(
+        metric(&before, "kohaku_stats_objects_received_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&before, "kohaku_sink_rows_written_total{sink=\"sqlite\"}"),
+        Some(0.0)
+    );
 
     let health = exporter.get("/health").await;
     assert_eq!(health.status, StatusCode::OK, "{}", health.text());
@@ -335,20 +450,43 @@ async fn metrics_move_and_health_names_a_failing_sink() {
     assert_eq!(exporter.get("/ready").await.status, StatusCode::OK);
 
     for seed in 0..3 {
-        assert_eq!(client.post_report(small_report(seed, 4).to_string()).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            client
+                .post_report(small_report(seed, 4).to_string())
+                .await
+                .status,
+            StatusCode::NO_CONTENT
+        );
     }
     for sink in ["sqlite", "flaky"] {
         let series = format!("kohaku_sink_rows_written_total{{sink=\"{sink}\"}}");
-        assert_eq!(wait_for_metric(&exporter, &series, 12.0, WAIT).await, 12.0, "{sink}");
+        assert_eq!(
+            wait_for_metric(&exporter, &series, 12.0, WAIT).await,
+            12.0,
+            "{sink}"
+        );
     }
     let after = exporter.get("/metrics").await.text();
-    assert_eq!(metric(&after, "kohaku_stats_objects_received_total"), Some(12.0));
+    assert_eq!(
+        metric(&after, "kohaku_stats_objects_received_total"),
+        Some(12.0)
+    );
     assert_eq!(metric(&after, "kohaku_reports_received_total"), Some(3.0));
     assert_eq!(
-        metric(&after, "kohaku_http_requests_total{path=\"/collector\",status=\"204\"}"),
+        metric(
+            &after,
+            "kohaku_http_requests_total{path=\"/collector\",status=\"204\"}"
+        ),
         Some(3.0)
     );
-    assert!(metric(&after, "kohaku_sink_batch_write_seconds_count{sink=\"sqlite\"}").unwrap() >= 1.0);
+    assert!(
+        metric(
+            &after,
+            "kohaku_sink_batch_write_seconds_count{sink=\"sqlite\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
     assert_eq!(metric(&after, "kohaku_queue_rows"), Some(0.0));
 
     // The flaky sink fails: health says which; the other sink keeps receiving; retries count.
@@ -357,24 +495,67 @@ async fn metrics_move_and_health_names_a_failing_sink() {
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
     let body = health.json();
     assert_eq!(body["failing"], serde_json::json!(["flaky"]), "{body}");
-    assert!(body["sinks"][1]["error"].as_str().unwrap().contains("failing"), "{body}");
-    assert_eq!(client.get("/.ok").await.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(client.post_report(small_report(10, 4).to_string()).await.status, StatusCode::NO_CONTENT);
+    assert!(
+        body["sinks"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("failing"),
+        "{body}"
+    );
     assert_eq!(
-        wait_for_metric(&exporter, "kohaku_sink_rows_written_total{sink=\"sqlite\"}", 16.0, WAIT).await,
+        client.get("/.ok").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        client
+            .post_report(small_report(10, 4).to_string())
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        wait_for_metric(
+            &exporter,
+            "kohaku_sink_rows_written_total{sink=\"sqlite\"}",
+            16.0,
+            WAIT
+        )
+        .await,
         16.0
     );
-    assert!(wait_for_metric(&exporter, "kohaku_sink_retries_total{sink=\"flaky\"}", 2.0, WAIT).await >= 2.0);
+    assert!(
+        wait_for_metric(
+            &exporter,
+            "kohaku_sink_retries_total{sink=\"flaky\"}",
+            2.0,
+            WAIT
+        )
+        .await
+            >= 2.0
+    );
     let metrics = exporter.get("/metrics").await.text();
-    assert!(metric(&metrics, "kohaku_sink_errors_total{sink=\"flaky\",kind=\"transient\"}").unwrap() >= 2.0);
-    assert_eq!(metric(&metrics, "kohaku_sink_up{sink=\"flaky\"}"), Some(0.0));
+    assert!(
+        metric(
+            &metrics,
+            "kohaku_sink_errors_total{sink=\"flaky\",kind=\"transient\"}"
+        )
+        .unwrap()
+            >= 2.0
+    );
+    assert_eq!(
+        metric(&metrics, "kohaku_sink_up{sink=\"flaky\"}"),
+        Some(0.0)
+    );
 
     // It recovers: the retried batch lands, health is green again.
     flaky.set_failing(false);
     assert!(flaky.wait_for_rows(16, WAIT).await);
     let deadline = tokio::time::Instant::now() + WAIT;
     while exporter.get("/health").await.status != StatusCode::OK {
-        assert!(tokio::time::Instant::now() < deadline, "health stays red after recovery");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health stays red after recovery"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     app.shutdown().await;
@@ -390,14 +571,30 @@ async fn a_report_a_sink_refuses_does_not_cost_the_rest_of_its_batch() {
     let exporter = H2::connect(app.exporter_addr()).await;
     sink.refuse_connection(Some(&sora_id(2)));
     for seed in 0..4 {
-        assert_eq!(client.post_report(small_report(seed, 3).to_string()).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            client
+                .post_report(small_report(seed, 3).to_string())
+                .await
+                .status,
+            StatusCode::NO_CONTENT
+        );
     }
     assert!(sink.wait_for_rows(9, WAIT).await);
-    let dropped = wait_for_metric(&exporter, "kohaku_sink_rows_dropped_total{sink=\"picky\"}", 3.0, WAIT).await;
+    let dropped = wait_for_metric(
+        &exporter,
+        "kohaku_sink_rows_dropped_total{sink=\"picky\"}",
+        3.0,
+        WAIT,
+    )
+    .await;
     assert_eq!(dropped, 3.0);
     assert_eq!(sink.stored_rows(), 9);
-    assert!(sink.stored_object(&sora_id(2), "OT0", 1_753_423_611_556.5 + 2.0).is_none());
-    assert!(sink.stored_object(&sora_id(3), "OT0", 1_753_423_611_556.5 + 3.0).is_some());
+    assert!(sink
+        .stored_object(&sora_id(2), "OT0", 1_753_423_611_556.5 + 2.0)
+        .is_none());
+    assert!(sink
+        .stored_object(&sora_id(3), "OT0", 1_753_423_611_556.5 + 3.0)
+        .is_some());
     app.shutdown().await;
 }
 
@@ -412,7 +609,13 @@ async fn shutdown_flushes_queued_reports_and_refuses_new_ones() {
     let app = start(&config, vec![sink]).await;
     let client = H2::connect(app.ingest_addr()).await;
     for seed in 0..30 {
-        assert_eq!(client.post_report(small_report(seed, 5).to_string()).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(
+            client
+                .post_report(small_report(seed, 5).to_string())
+                .await
+                .status,
+            StatusCode::NO_CONTENT
+        );
     }
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), 0);
     let summary = app.shutdown().await;
@@ -428,11 +631,20 @@ async fn shutdown_deadline_gives_up_on_a_stuck_sink_and_counts_the_loss() {
     config.pipeline.shutdown_timeout_secs = 1;
     let app = start(&config, vec![sink.clone() as Arc<dyn StatsSink>]).await;
     let client = H2::connect(app.ingest_addr()).await;
-    assert_eq!(client.post_report(small_report(1, 5).to_string()).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        client
+            .post_report(small_report(1, 5).to_string())
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
     let started = std::time::Instant::now();
     let summary = app.shutdown().await;
     assert_eq!(summary.dropped_rows, 5);
-    assert!(started.elapsed() < Duration::from_secs(5), "shutdown respects its deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown respects its deadline"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,7 +656,13 @@ async fn idle_connections_are_closed() {
     let client = H2::connect(app.ingest_addr()).await;
     assert_eq!(client.get("/.ok").await.status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let request = client.request(Method::GET, "/.ok").body(Full::new(Bytes::new())).unwrap();
-    assert!(client.send(request).await.is_err(), "the idle connection was closed");
+    let request = client
+        .request(Method::GET, "/.ok")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert!(
+        client.send(request).await.is_err(),
+        "the idle connection was closed"
+    );
     app.shutdown().await;
 }

@@ -96,10 +96,15 @@ async fn h2_over_tls_stores_reports() {
         .expect("TLS with ALPN h2");
     let answer = client.post_report(small_report(1, 6).to_string()).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
-    assert_eq!(wait_for_sqlite_rows(&db, 6, Duration::from_secs(10)).await, 6);
+    assert_eq!(
+        wait_for_sqlite_rows(&db, 6, Duration::from_secs(10)).await,
+        6
+    );
 
     // Plain h2c to a TLS port is not served.
-    let tcp = tokio::net::TcpStream::connect(app.ingest_addr()).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(app.ingest_addr())
+        .await
+        .unwrap();
     let plain = hyper::client::conn::http2::handshake::<_, _, http_body_util::Full<bytes::Bytes>>(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tcp),
@@ -145,7 +150,11 @@ async fn mtls_accepts_only_clients_of_the_configured_ca() {
 
     // A certificate from another CA: refused.
     let (other_pem, other_key) = other_ca.issue("intruder");
-    let refused = match H2::connect_tls(app.ingest_addr(), client_config(&server_ca, Some((&other_pem, &other_key)))).await
+    let refused = match H2::connect_tls(
+        app.ingest_addr(),
+        client_config(&server_ca, Some((&other_pem, &other_key))),
+    )
+    .await
     {
         Err(_) => true,
         Ok(client) => {
@@ -161,9 +170,12 @@ async fn mtls_accepts_only_clients_of_the_configured_ca() {
 
     // Sora's certificate: accepted, and the report is stored.
     let (sora_pem, sora_key) = sora_ca.issue("sora-node-1");
-    let client = H2::connect_tls(app.ingest_addr(), client_config(&server_ca, Some((&sora_pem, &sora_key))))
-        .await
-        .expect("Sora's certificate is accepted");
+    let client = H2::connect_tls(
+        app.ingest_addr(),
+        client_config(&server_ca, Some((&sora_pem, &sora_key))),
+    )
+    .await
+    .expect("Sora's certificate is accepted");
     let answer = client.post_report(small_report(3, 4).to_string()).await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
     assert!(sink.wait_for_rows(4, Duration::from_secs(10)).await);
@@ -176,13 +188,20 @@ async fn bad_tls_files_name_the_key_and_file() {
     let server_ca = Ca::new("kohaku test server CA");
     let mut config = tls_config(dir.path(), &server_ca, None);
     config.server.tls_privkey_file = Some(dir.path().join("missing.pem"));
-    let err = kohaku::server::tls::server_config(&config.server).unwrap_err().to_string();
-    assert!(err.contains("server.tls_privkey_file") && err.contains("missing.pem"), "{err}");
+    let err = kohaku::server::tls::server_config(&config.server)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("server.tls_privkey_file") && err.contains("missing.pem"),
+        "{err}"
+    );
 
     let mut config = tls_config(dir.path(), &server_ca, None);
     std::fs::write(dir.path().join("empty.pem"), "nothing here").unwrap();
     config.server.tls_verify_cacert_path = Some(dir.path().join("empty.pem"));
-    let err = kohaku::server::tls::server_config(&config.server).unwrap_err().to_string();
+    let err = kohaku::server::tls::server_config(&config.server)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("server.tls_verify_cacert_path"), "{err}");
 
     // A key that does not belong to the certificate.
@@ -190,6 +209,8 @@ async fn bad_tls_files_name_the_key_and_file() {
     let stranger = KeyPair::generate().unwrap();
     std::fs::write(dir.path().join("stranger.pem"), stranger.serialize_pem()).unwrap();
     config.server.tls_privkey_file = Some(dir.path().join("stranger.pem"));
-    let err = kohaku::server::tls::server_config(&config.server).unwrap_err().to_string();
+    let err = kohaku::server::tls::server_config(&config.server)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not match"), "{err}");
 }

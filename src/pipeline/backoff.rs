@@ -17,7 +17,9 @@ impl Backoff {
             .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
             .unwrap_or(self.max)
             .min(self.max);
-        let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ceiling_ms = u64::try_from(ceiling.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         Duration::from_millis(fastrand::u64(ceiling_ms.div_ceil(2)..=ceiling_ms))
     }
 }
@@ -34,11 +36,20 @@ mod tests {
         };
         for _ in 0..200 {
             let first = backoff.delay(0);
-            assert!((Duration::from_millis(50)..=Duration::from_millis(100)).contains(&first), "{first:?}");
+            assert!(
+                (Duration::from_millis(50)..=Duration::from_millis(100)).contains(&first),
+                "{first:?}"
+            );
             let fourth = backoff.delay(3);
-            assert!((Duration::from_millis(400)..=Duration::from_millis(800)).contains(&fourth), "{fourth:?}");
+            assert!(
+                (Duration::from_millis(400)..=Duration::from_millis(800)).contains(&fourth),
+                "{fourth:?}"
+            );
             let late = backoff.delay(40);
-            assert!((Duration::from_millis(2500)..=Duration::from_secs(5)).contains(&late), "{late:?}");
+            assert!(
+                (Duration::from_millis(2500)..=Duration::from_secs(5)).contains(&late),
+                "{late:?}"
+            );
         }
         let samples: std::collections::HashSet<_> = (0..50).map(|_| backoff.delay(5)).collect();
         assert!(samples.len() > 1, "jitter must vary the delay");

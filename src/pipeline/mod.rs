@@ -100,7 +100,9 @@ impl Ingest {
             .map_err(|_| SubmitError::Closed)?;
         self.metrics.reports_received.inc();
         self.metrics.stats_objects_received.inc_by(rows as u64);
-        self.metrics.queue_rows.set(queued_rows(&self.permits, self.capacity));
+        self.metrics
+            .queue_rows
+            .set(queued_rows(&self.permits, self.capacity));
         Ok(())
     }
 
@@ -126,7 +128,9 @@ struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         drop(self.permit.take());
-        self.metrics.queue_rows.set(queued_rows(&self.permits, self.capacity));
+        self.metrics
+            .queue_rows
+            .set(queued_rows(&self.permits, self.capacity));
     }
 }
 
@@ -184,7 +188,9 @@ impl SinkHealth {
 async fn probe(state: &SinkState) -> SinkStatus {
     let name = state.sink.name().to_owned();
     let error = match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.sink.health()).await {
-        Err(_) => Some(format!("health check timed out after {HEALTH_PROBE_TIMEOUT:?}")),
+        Err(_) => Some(format!(
+            "health check timed out after {HEALTH_PROBE_TIMEOUT:?}"
+        )),
         Ok(Err(err)) => Some(err.detailed()),
         Ok(Ok(())) if state.failing.load(Ordering::Relaxed) => Some(format!(
             "writes failing, retrying: {}",
@@ -200,7 +206,9 @@ async fn probe(state: &SinkState) -> SinkStatus {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub struct Pipeline {
@@ -222,9 +230,15 @@ pub struct ShutdownSummary {
 }
 
 impl Pipeline {
-    pub fn start(sinks: Vec<Arc<dyn StatsSink>>, options: PipelineOptions, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        sinks: Vec<Arc<dyn StatsSink>>,
+        options: PipelineOptions,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(options.queue_max_rows as usize));
-        metrics.queue_capacity_rows.set(i64::from(options.queue_max_rows));
+        metrics
+            .queue_capacity_rows
+            .set(i64::from(options.queue_max_rows));
         let (sender, receiver) = mpsc::unbounded_channel();
         let (closing, closing_rx) = watch::channel(false);
         let (give_up, give_up_rx) = watch::channel(false);
@@ -298,7 +312,11 @@ impl Pipeline {
         self.ingest.permits.close();
         let _ = self.closing.send(true);
         let queued = self.ingest.queued_rows();
-        tracing::info!(queued_rows = queued, timeout_secs = self.shutdown_timeout.as_secs(), "flushing queued stats to the sinks");
+        tracing::info!(
+            queued_rows = queued,
+            timeout_secs = self.shutdown_timeout.as_secs(),
+            "flushing queued stats to the sinks"
+        );
         let give_up = self.give_up;
         let deadline = tokio::time::sleep(self.shutdown_timeout);
         let all_done = async {
@@ -342,7 +360,11 @@ struct Pending {
 }
 
 impl Batcher {
-    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Queued>, mut closing: watch::Receiver<bool>) {
+    async fn run(
+        self,
+        mut receiver: mpsc::UnboundedReceiver<Queued>,
+        mut closing: watch::Receiver<bool>,
+    ) {
         let mut pending: Option<Pending> = None;
         let mut closing_seen = false;
         loop {
@@ -435,7 +457,9 @@ impl SinkWorker {
         }
         match self.state.sink.close().await {
             Ok(()) => tracing::info!(sink = self.name(), "sink closed"),
-            Err(err) => tracing::warn!(sink = self.name(), error = %err.detailed(), "closing the sink failed"),
+            Err(err) => {
+                tracing::warn!(sink = self.name(), error = %err.detailed(), "closing the sink failed")
+            }
         }
     }
 
@@ -471,7 +495,10 @@ impl SinkWorker {
     }
 
     fn count_dropped(&self, rows: usize) {
-        self.metrics.rows_dropped.get_or_create(&Metrics::sink(self.name())).inc_by(rows as u64);
+        self.metrics
+            .rows_dropped
+            .get_or_create(&Metrics::sink(self.name()))
+            .inc_by(rows as u64);
         self.dropped_rows.fetch_add(rows as u64, Ordering::Relaxed);
     }
 
@@ -557,8 +584,14 @@ impl SinkWorker {
 
     fn record(&self, batch: &StatsBatch, report: WriteReport) {
         let labels = Metrics::sink(self.name());
-        self.metrics.rows_written.get_or_create(&labels).inc_by(report.written);
-        self.metrics.rows_duplicate.get_or_create(&labels).inc_by(report.duplicates);
+        self.metrics
+            .rows_written
+            .get_or_create(&labels)
+            .inc_by(report.written);
+        self.metrics
+            .rows_duplicate
+            .get_or_create(&labels)
+            .inc_by(report.duplicates);
         if !report.rejected.is_empty() {
             self.metrics
                 .rows_rejected

@@ -65,7 +65,9 @@ impl IngestRouter {
             );
         }
         let headers = request.headers();
-        if let Err(invalid) = check_exporter_type(headers.get(EXPORTER_TYPE_HEADER).map(HeaderValue::as_bytes)) {
+        if let Err(invalid) =
+            check_exporter_type(headers.get(EXPORTER_TYPE_HEADER).map(HeaderValue::as_bytes))
+        {
             return refuse(StatusCode::BAD_REQUEST, &invalid.field, &invalid.error);
         }
         if let Some(content_type) = headers.get(CONTENT_TYPE) {
@@ -94,7 +96,11 @@ impl IngestRouter {
             Err(err) if err.is::<http_body_util::LengthLimitError>() => return self.too_large(),
             Err(err) => {
                 tracing::debug!(error = %err, "cannot read request body");
-                return refuse(StatusCode::BAD_REQUEST, "body", &format!("cannot read the body: {err}"));
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    "body",
+                    &format!("cannot read the body: {err}"),
+                );
             }
         };
 
@@ -111,11 +117,23 @@ impl IngestRouter {
                 response::empty(StatusCode::NO_CONTENT)
             }
             Err(SubmitError::QueueFull) => {
-                tracing::debug!(channel_id, connection_id, objects, "queue full; answering 503");
-                unavailable("queue", "the queue is full (pipeline.queue_max_rows); retry later")
+                tracing::debug!(
+                    channel_id,
+                    connection_id,
+                    objects,
+                    "queue full; answering 503"
+                );
+                unavailable(
+                    "queue",
+                    "the queue is full (pipeline.queue_max_rows); retry later",
+                )
             }
-            Err(SubmitError::Closed) => unavailable("server", "Kohaku is shutting down; retry later"),
-            Err(err @ SubmitError::TooLarge { .. }) => refuse(StatusCode::PAYLOAD_TOO_LARGE, "stats", &err.to_string()),
+            Err(SubmitError::Closed) => {
+                unavailable("server", "Kohaku is shutting down; retry later")
+            }
+            Err(err @ SubmitError::TooLarge { .. }) => {
+                refuse(StatusCode::PAYLOAD_TOO_LARGE, "stats", &err.to_string())
+            }
         }
     }
 
@@ -123,7 +141,10 @@ impl IngestRouter {
         refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body",
-            &format!("the body exceeds {} bytes (server.max_body_bytes)", self.max_body_bytes),
+            &format!(
+                "the body exceeds {} bytes (server.max_body_bytes)",
+                self.max_body_bytes
+            ),
         )
     }
 
@@ -160,7 +181,12 @@ pub async fn health_response(health: &SinkHealth) -> HttpResponse {
 }
 
 fn refuse(status: StatusCode, field: &str, message: &str) -> HttpResponse {
-    tracing::info!(status = status.as_u16(), field, error = message, "request refused");
+    tracing::info!(
+        status = status.as_u16(),
+        field,
+        error = message,
+        "request refused"
+    );
     response::error(status, field, message)
 }
 

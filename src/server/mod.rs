@@ -110,8 +110,15 @@ impl Server {
             tracing::error!(listener = self.name, error = %err, "accept loop failed");
         }
         // Each connection task holds a sender; `recv` returns `None` once all have ended.
-        if tokio::time::timeout(deadline, self.connections_done.recv()).await.is_err() {
-            tracing::warn!(listener = self.name, deadline_secs = deadline.as_secs(), "connections still open after the shutdown deadline; closing them");
+        if tokio::time::timeout(deadline, self.connections_done.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = self.name,
+                deadline_secs = deadline.as_secs(),
+                "connections still open after the shutdown deadline; closing them"
+            );
         }
     }
 }
@@ -138,7 +145,13 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_tcp(stream, peer, Arc::clone(&context), shutdown.clone(), alive.clone()));
+                tokio::spawn(serve_tcp(
+                    stream,
+                    peer,
+                    Arc::clone(&context),
+                    shutdown.clone(),
+                    alive.clone(),
+                ));
             }
             Err(err) => {
                 // Typically EMFILE: back off instead of spinning.
@@ -158,15 +171,17 @@ async fn serve_tcp(
 ) {
     match &context.tls {
         None => serve_connection(stream, peer, &context, shutdown).await,
-        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, &context, shutdown).await,
-            Ok(Err(err)) => {
-                tracing::info!(listener = context.name, %peer, error = %err, "TLS handshake refused");
+        Some(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, &context, shutdown).await,
+                Ok(Err(err)) => {
+                    tracing::info!(listener = context.name, %peer, error = %err, "TLS handshake refused");
+                }
+                Err(_) => {
+                    tracing::info!(listener = context.name, %peer, "TLS handshake timed out");
+                }
             }
-            Err(_) => {
-                tracing::info!(listener = context.name, %peer, "TLS handshake timed out");
-            }
-        },
+        }
     }
     drop(alive);
 }
@@ -187,7 +202,12 @@ impl Activity {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        Some(self.idle_since.lock().map(|since| since.elapsed()).unwrap_or_default())
+        Some(
+            self.idle_since
+                .lock()
+                .map(|since| since.elapsed())
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -202,8 +222,12 @@ impl Drop for ActivityGuard {
     }
 }
 
-async fn serve_connection<I>(io: I, peer: SocketAddr, context: &ConnectionContext, mut shutdown: watch::Receiver<bool>)
-where
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    context: &ConnectionContext,
+    mut shutdown: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity {
@@ -225,7 +249,9 @@ where
     tokio::pin!(connection);
 
     let idle_timeout = context.idle_timeout;
-    let check_every = idle_timeout.map_or(Duration::from_secs(3600), |t| (t / 4).max(Duration::from_millis(50)));
+    let check_every = idle_timeout.map_or(Duration::from_secs(3600), |t| {
+        (t / 4).max(Duration::from_millis(50))
+    });
     let mut idle_check = tokio::time::interval(check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut closing = false;

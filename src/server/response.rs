@@ -23,7 +23,9 @@ pub fn json(status: StatusCode, body: &impl Serialize) -> HttpResponse {
     });
     let mut response = HttpResponse::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
     response
 }
 
@@ -35,7 +37,13 @@ struct ErrorBody<'a> {
 
 /// `{"error": ..., "field": ...}`: `field` names what is wrong (a body path, a header, `body`).
 pub fn error(status: StatusCode, field: &str, message: &str) -> HttpResponse {
-    json(status, &ErrorBody { error: message, field })
+    json(
+        status,
+        &ErrorBody {
+            error: message,
+            field,
+        },
+    )
 }
 
 pub fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {
@@ -60,5 +68,9 @@ pub fn method_not_allowed(allow: &'static str) -> HttpResponse {
 }
 
 pub fn not_found(path: &str) -> HttpResponse {
-    error(StatusCode::NOT_FOUND, "path", &format!("no such path: {path}"))
+    error(
+        StatusCode::NOT_FOUND,
+        "path",
+        &format!("no such path: {path}"),
+    )
 }

@@ -31,7 +31,8 @@ pub fn server_config(server: &ServerConfig) -> Result<Option<Arc<rustls::ServerC
     if !server.https {
         return Ok(None);
     }
-    let (Some(chain_path), Some(key_path)) = (&server.tls_fullchain_file, &server.tls_privkey_file) else {
+    let (Some(chain_path), Some(key_path)) = (&server.tls_fullchain_file, &server.tls_privkey_file)
+    else {
         // Config validation requires both; this only guards a programming error.
         return Err(TlsError {
             key: "server.tls_fullchain_file",
@@ -63,24 +64,31 @@ pub fn server_config(server: &ServerConfig) -> Result<Option<Arc<rustls::ServerC
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|err| TlsError {
-        key: "server.tls_privkey_file",
-        path: key_path.clone(),
-        message: format!("does not match the certificate in server.tls_fullchain_file: {err}"),
-    })?;
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|err| TlsError {
+            key: "server.tls_privkey_file",
+            path: key_path.clone(),
+            message: format!("does not match the certificate in server.tls_fullchain_file: {err}"),
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(Arc::new(config)))
 }
 
 fn open(key: &'static str, path: &Path) -> Result<BufReader<File>, TlsError> {
-    File::open(path).map(BufReader::new).map_err(|err| TlsError {
-        key,
-        path: path.to_owned(),
-        message: format!("cannot open: {err}"),
-    })
+    File::open(path)
+        .map(BufReader::new)
+        .map_err(|err| TlsError {
+            key,
+            path: path.to_owned(),
+            message: format!("cannot open: {err}"),
+        })
 }
 
-fn read_certificates(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn read_certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certificates: Vec<_> = rustls_pemfile::certs(&mut open(key, path)?)
         .collect::<Result<_, _>>()
         .map_err(|err| TlsError {
@@ -149,7 +157,9 @@ fn read_ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {
         return Err(TlsError {
             key,
             path: path.to_owned(),
-            message: "no CA certificate found (expected a PEM file or a directory of *.pem/*.crt files)".into(),
+            message:
+                "no CA certificate found (expected a PEM file or a directory of *.pem/*.crt files)"
+                    .into(),
         });
     }
     Ok(roots)

@@ -21,7 +21,9 @@ use serde_json::Value;
 pub const EXPORTER_TYPE: (&str, &str) = ("x-sora-stats-exporter-type", "connection.user-agent");
 
 pub fn fixture_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(relative)
 }
 
 /// One stats object as the fixture holds it.
@@ -196,7 +198,8 @@ pub async fn start(config: &Config, sinks: Vec<Arc<dyn StatsSink>>) -> App {
 /// A migrated SQLite sink in `dir`.
 pub async fn sqlite_sink(dir: &Path) -> (Arc<dyn StatsSink>, PathBuf) {
     let path = dir.join("kohaku.db");
-    let sink = kohaku_sqlite::SqliteSink::open(&kohaku_sqlite::SqliteOptions::new(&path)).expect("sqlite opens");
+    let sink = kohaku_sqlite::SqliteSink::open(&kohaku_sqlite::SqliteOptions::new(&path))
+        .expect("sqlite opens");
     sink.migrate().await.expect("sqlite migrates");
     (Arc::new(sink), path)
 }
@@ -211,8 +214,12 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|err| panic!("answer {} is not JSON ({err}): {:?}", self.status, self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "answer {} is not JSON ({err}): {:?}",
+                self.status, self.body
+            )
+        })
     }
 
     pub fn text(&self) -> String {
@@ -231,17 +238,31 @@ pub struct H2 {
 impl H2 {
     pub async fn connect(addr: SocketAddr) -> Self {
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        Self::handshake(tcp, "http", addr).await.expect("h2c handshake")
+        Self::handshake(tcp, "http", addr)
+            .await
+            .expect("h2c handshake")
     }
 
-    pub async fn connect_tls(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Self, String> {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, String> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
         let connector = tokio_rustls::TlsConnector::from(config);
-        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(b"h2") {
-            return Err(format!("ALPN negotiated {:?}, not h2", session.alpn_protocol()));
+            return Err(format!(
+                "ALPN negotiated {:?}, not h2",
+                session.alpn_protocol()
+            ));
         }
         Self::handshake(tls, "https", addr).await
     }
@@ -250,9 +271,10 @@ impl H2 {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
         tokio::spawn(connection);
         Ok(Self {
             sender,
@@ -291,7 +313,10 @@ impl H2 {
     }
 
     pub async fn get(&self, path: &str) -> Answer {
-        let request = self.request(Method::GET, path).body(Full::new(Bytes::new())).expect("request");
+        let request = self
+            .request(Method::GET, path)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
         self.send(request).await.expect("request answered")
     }
 }
@@ -343,7 +368,9 @@ pub fn sqlite_rows(path: &Path) -> Vec<StoredRow> {
 
 pub fn sqlite_count(path: &Path, sql: &str) -> i64 {
     let connection = rusqlite::Connection::open(path).expect("open sqlite");
-    connection.query_row(sql, [], |row| row.get(0)).expect("count query")
+    connection
+        .query_row(sql, [], |row| row.get(0))
+        .expect("count query")
 }
 
 /// Polls until `rtc_stats` holds `rows` rows; returns the last count seen.
@@ -360,8 +387,13 @@ pub async fn wait_for_sqlite_rows(path: &Path, rows: i64, timeout: Duration) -> 
 
 /// The value of one series in the exporter's text, e.g. `kohaku_sink_rows_written_total{sink="sqlite"}`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Polls `/metrics` until `series` reaches `at_least`; returns the last value.

@@ -120,9 +120,12 @@ impl StatsBatch {
     }
 
     pub fn rows(&self) -> impl Iterator<Item = StatsRow<'_>> + '_ {
-        self.reports
-            .iter()
-            .flat_map(|report| report.stats.iter().map(move |object| StatsRow { report, object }))
+        self.reports.iter().flat_map(|report| {
+            report
+                .stats
+                .iter()
+                .map(move |object| StatsRow { report, object })
+        })
     }
 }
 

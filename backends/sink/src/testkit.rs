@@ -74,8 +74,17 @@ impl ControlledSink {
     }
 
     /// The stored JSON text of one object, if present.
-    pub fn stored_object(&self, connection_id: &str, rtc_id: &str, rtc_timestamp: f64) -> Option<String> {
-        let key = (connection_id.to_owned(), rtc_id.to_owned(), rtc_timestamp.to_bits());
+    pub fn stored_object(
+        &self,
+        connection_id: &str,
+        rtc_id: &str,
+        rtc_timestamp: f64,
+    ) -> Option<String> {
+        let key = (
+            connection_id.to_owned(),
+            rtc_id.to_owned(),
+            rtc_timestamp.to_bits(),
+        );
         self.rows.lock().ok()?.get(&key).cloned()
     }
 
@@ -118,19 +127,27 @@ impl StatsSink for ControlledSink {
         // The sender lives in self, so wait_for cannot fail while self is borrowed.
         let _ = blocked.wait_for(|blocked| !*blocked).await;
         self.check_failing()?;
-        let refused = self.refused_connection.lock().ok().and_then(|refused| refused.clone());
+        let refused = self
+            .refused_connection
+            .lock()
+            .ok()
+            .and_then(|refused| refused.clone());
         if let Some(refused) = refused {
-            if batch.reports().iter().any(|r| r.connection.connection_id == refused) {
+            if batch
+                .reports()
+                .iter()
+                .any(|r| r.connection.connection_id == refused)
+            {
                 return Err(SinkError::Permanent {
                     message: format!("{} refuses connection {refused}", self.name),
                     source: None,
                 });
             }
         }
-        let mut rows = self
-            .rows
-            .lock()
-            .map_err(|_| SinkError::Permanent { message: "row store poisoned".into(), source: None })?;
+        let mut rows = self.rows.lock().map_err(|_| SinkError::Permanent {
+            message: "row store poisoned".into(),
+            source: None,
+        })?;
         let mut report = WriteReport::default();
         for row in batch.rows() {
             let key = (
@@ -138,7 +155,10 @@ impl StatsSink for ControlledSink {
                 row.object.rtc_id.clone(),
                 row.object.rtc_timestamp.to_bits(),
             );
-            if rows.insert(key, row.object.rtc_data.get().to_owned()).is_some() {
+            if rows
+                .insert(key, row.object.rtc_data.get().to_owned())
+                .is_some()
+            {
                 report.duplicates += 1;
             } else {
                 report.written += 1;

@@ -13,9 +13,14 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags};
 
 /// Numbered migrations from `schemas/sqlite/`, applied in order; the applied version is recorded
 /// in `kohaku_schema_migrations`.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("../../../schemas/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../../schemas/sqlite/0001_init.sql"),
+)];
 
-const INSERT_STATS: &str = "INSERT INTO rtc_stats (channel_id, session_id, client_id, connection_id, bundle_id, \
+const INSERT_STATS: &str =
+    "INSERT INTO rtc_stats (channel_id, session_id, client_id, connection_id, bundle_id, \
      rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
      ON CONFLICT (connection_id, rtc_timestamp, rtc_id) DO NOTHING";
@@ -67,9 +72,11 @@ impl SqliteSink {
     pub fn open(options: &SqliteOptions) -> Result<Self, SinkError> {
         let path = options.path.clone();
         let context = |what: &str| format!("sqlite {}: {what}", path.display());
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection =
-            Connection::open_with_flags(&path, flags).map_err(|err| classify(&context("cannot open database"), err))?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connection = Connection::open_with_flags(&path, flags)
+            .map_err(|err| classify(&context("cannot open database"), err))?;
         connection
             .busy_timeout(options.busy_timeout)
             .map_err(|err| classify(&context("cannot set busy timeout"), err))?;
@@ -116,7 +123,9 @@ impl SqliteSink {
 fn lock(connection: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, SinkError> {
     // A panic while holding the lock cannot leave a half-done transaction behind (rusqlite rolls
     // back on drop), so the connection is still usable.
-    Ok(connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    Ok(connection
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()))
 }
 
 /// Which SQLite failures a retry can cure: locks held by another process, and I/O or space
@@ -150,7 +159,11 @@ fn migrate(connection: &mut Connection) -> Result<(), SinkError> {
         )
         .map_err(fail("sqlite: cannot create kohaku_schema_migrations"))?;
     let applied: i64 = connection
-        .query_row("SELECT coalesce(max(version), 0) FROM kohaku_schema_migrations", [], |row| row.get(0))
+        .query_row(
+            "SELECT coalesce(max(version), 0) FROM kohaku_schema_migrations",
+            [],
+            |row| row.get(0),
+        )
         .map_err(fail("sqlite: cannot read the schema version"))?;
     let newest = MIGRATIONS.last().map_or(0, |(version, _, _)| *version);
     if applied > newest {
@@ -162,16 +175,27 @@ fn migrate(connection: &mut Connection) -> Result<(), SinkError> {
             source: None,
         });
     }
-    for (version, name, sql) in MIGRATIONS.iter().filter(|(version, _, _)| *version > applied) {
-        let tx = connection.transaction().map_err(fail("sqlite: cannot begin migration"))?;
-        tx.execute_batch(sql)
-            .map_err(|err| classify(&format!("sqlite: migration {version} ({name}) failed"), err))?;
+    for (version, name, sql) in MIGRATIONS
+        .iter()
+        .filter(|(version, _, _)| *version > applied)
+    {
+        let tx = connection
+            .transaction()
+            .map_err(fail("sqlite: cannot begin migration"))?;
+        tx.execute_batch(sql).map_err(|err| {
+            classify(&format!("sqlite: migration {version} ({name}) failed"), err)
+        })?;
         tx.execute(
             "INSERT INTO kohaku_schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
-            params![version, name, format_timestamp(kohaku_sink::OffsetDateTime::now_utc())],
+            params![
+                version,
+                name,
+                format_timestamp(kohaku_sink::OffsetDateTime::now_utc())
+            ],
         )
         .map_err(fail("sqlite: cannot record the migration"))?;
-        tx.commit().map_err(fail("sqlite: cannot commit migration"))?;
+        tx.commit()
+            .map_err(fail("sqlite: cannot commit migration"))?;
         tracing::info!(version, name, "sqlite: applied schema migration");
     }
     Ok(())
@@ -179,10 +203,14 @@ fn migrate(connection: &mut Connection) -> Result<(), SinkError> {
 
 fn write_batch(connection: &mut Connection, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
     let fail = |what: &'static str| move |err| classify(what, err);
-    let tx = connection.transaction().map_err(fail("sqlite: cannot begin transaction"))?;
+    let tx = connection
+        .transaction()
+        .map_err(fail("sqlite: cannot begin transaction"))?;
     let mut report = WriteReport::default();
     {
-        let mut insert_stats = tx.prepare_cached(INSERT_STATS).map_err(fail("sqlite: cannot prepare insert"))?;
+        let mut insert_stats = tx
+            .prepare_cached(INSERT_STATS)
+            .map_err(fail("sqlite: cannot prepare insert"))?;
         let mut upsert_connection = tx
             .prepare_cached(UPSERT_CONNECTION)
             .map_err(fail("sqlite: cannot prepare connection upsert"))?;

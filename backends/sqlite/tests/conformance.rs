@@ -40,7 +40,8 @@ impl SqliteTarget {
 
 fn time_column(row: &rusqlite::Row<'_>, index: usize) -> kohaku_sink::OffsetDateTime {
     let text: String = row.get(index).expect("time column");
-    parse_timestamp(&text).unwrap_or_else(|err| panic!("stored time {text:?} does not parse: {err}"))
+    parse_timestamp(&text)
+        .unwrap_or_else(|err| panic!("stored time {text:?} does not parse: {err}"))
 }
 
 #[async_trait]
@@ -112,13 +113,17 @@ impl ConformanceTarget for SqliteTarget {
 
     async fn make_unavailable(&self) {
         let locker = self.reader();
-        locker.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+        locker
+            .execute_batch("BEGIN EXCLUSIVE")
+            .expect("take the write lock");
         *self.locker.lock().expect("locker") = Some(locker);
     }
 
     async fn make_available(&self) {
         if let Some(locker) = self.locker.lock().expect("locker").take() {
-            locker.execute_batch("ROLLBACK").expect("release the write lock");
+            locker
+                .execute_batch("ROLLBACK")
+                .expect("release the write lock");
         }
     }
 }
@@ -135,7 +140,11 @@ async fn schema_version_is_recorded_and_reopening_keeps_data() {
     conformance::round_trip_every_type(&target).await;
     let version: i64 = target
         .reader()
-        .query_row("SELECT max(version) FROM kohaku_schema_migrations", [], |row| row.get(0))
+        .query_row(
+            "SELECT max(version) FROM kohaku_schema_migrations",
+            [],
+            |row| row.get(0),
+        )
         .expect("version");
     assert_eq!(version, 1);
 
@@ -144,7 +153,9 @@ async fn schema_version_is_recorded_and_reopening_keeps_data() {
     reopened.migrate().await.expect("migrate again");
     let migrations: i64 = target
         .reader()
-        .query_row("SELECT count(*) FROM kohaku_schema_migrations", [], |row| row.get(0))
+        .query_row("SELECT count(*) FROM kohaku_schema_migrations", [], |row| {
+            row.get(0)
+        })
         .expect("count");
     assert_eq!(migrations, 1);
 }

@@ -69,8 +69,12 @@ pub async fn run_all(target: &dyn ConformanceTarget) {
 
 pub async fn migrate_is_repeatable(target: &dyn ConformanceTarget) {
     let sink = target.sink();
-    sink.migrate().await.expect("migrate_is_repeatable: first re-run");
-    sink.migrate().await.expect("migrate_is_repeatable: second re-run");
+    sink.migrate()
+        .await
+        .expect("migrate_is_repeatable: first re-run");
+    sink.migrate()
+        .await
+        .expect("migrate_is_repeatable: second re-run");
 }
 
 pub async fn empty_batch(target: &dyn ConformanceTarget) {
@@ -79,11 +83,15 @@ pub async fn empty_batch(target: &dyn ConformanceTarget) {
         .write(&StatsBatch::default())
         .await
         .expect("empty_batch: write");
-    assert_eq!(report.written + report.duplicates, 0, "empty_batch: nothing to write");
+    assert_eq!(
+        report.written + report.duplicates,
+        0,
+        "empty_batch: nothing to write"
+    );
 }
 
 pub async fn round_trip_every_type(target: &dyn ConformanceTarget) {
-    let report = sample::every_type_report(sample::connection(1001), 1_753_423_611_556.524_9);
+    let report = sample::every_type_report(sample::connection(1001), 1_753_423_611_556.525);
     write_and_compare("round_trip_every_type", target, vec![report]).await;
 }
 
@@ -92,11 +100,25 @@ pub async fn idempotent_rewrite(target: &dyn ConformanceTarget) {
     let sink = target.sink();
     let first = sample::report(sample::connection(1002), 1_753_423_612_000.0, 40);
     let batch = sample::batch([first.clone()]);
-    let written = sink.write(&batch).await.expect("idempotent_rewrite: first write");
-    assert_eq!((written.written, written.duplicates), (40, 0), "{case}: first write");
+    let written = sink
+        .write(&batch)
+        .await
+        .expect("idempotent_rewrite: first write");
+    assert_eq!(
+        (written.written, written.duplicates),
+        (40, 0),
+        "{case}: first write"
+    );
 
-    let again = sink.write(&batch).await.expect("idempotent_rewrite: second write");
-    assert_eq!((again.written, again.duplicates), (0, 40), "{case}: second write");
+    let again = sink
+        .write(&batch)
+        .await
+        .expect("idempotent_rewrite: second write");
+    assert_eq!(
+        (again.written, again.duplicates),
+        (0, 40),
+        "{case}: second write"
+    );
 
     // A batch mixing stored and new rows stores only the new ones.
     let second = sample::report(sample::connection(1002), 1_753_423_613_000.0, 10);
@@ -104,7 +126,11 @@ pub async fn idempotent_rewrite(target: &dyn ConformanceTarget) {
         .write(&sample::batch([first.clone(), second.clone()]))
         .await
         .expect("idempotent_rewrite: mixed write");
-    assert_eq!((mixed.written, mixed.duplicates), (10, 40), "{case}: mixed write");
+    assert_eq!(
+        (mixed.written, mixed.duplicates),
+        (10, 40),
+        "{case}: mixed write"
+    );
     assert_stored(case, target, &[first, second]).await;
 }
 
@@ -166,20 +192,33 @@ pub async fn connection_first_and_last_seen(target: &dyn ConformanceTarget) {
     let early = sample::report(connection.clone(), 1_753_423_640_000.0, 3);
     let late = sample::report(connection.clone(), 1_753_423_650_000.0, 3);
     // Written late first: a delayed older report must not move last_seen backwards.
-    sink.write(&sample::batch([late.clone()])).await.expect("write late");
-    sink.write(&sample::batch([early.clone()])).await.expect("write early");
+    sink.write(&sample::batch([late.clone()]))
+        .await
+        .expect("write late");
+    sink.write(&sample::batch([early.clone()]))
+        .await
+        .expect("write early");
     let stored = target
         .stored_connection(&connection.connection_id)
         .await
         .unwrap_or_else(|| panic!("{case}: connection row missing"));
     assert_eq!(stored.connection, connection, "{case}: connection fields");
-    assert_eq!(stored.first_seen, early.sora_timestamp, "{case}: first_seen");
+    assert_eq!(
+        stored.first_seen, early.sora_timestamp,
+        "{case}: first_seen"
+    );
     assert_eq!(stored.last_seen, late.sora_timestamp, "{case}: last_seen");
 }
 
 pub async fn large_batch(target: &dyn ConformanceTarget) {
     let reports: Vec<Report> = (0..20)
-        .map(|i| sample::report(sample::connection(2000 + i), 1_753_423_700_000.0 + i as f64, 500))
+        .map(|i| {
+            sample::report(
+                sample::connection(2000 + i),
+                1_753_423_700_000.0 + i as f64,
+                500,
+            )
+        })
         .collect();
     write_and_compare("large_batch", target, reports).await;
 }
@@ -194,10 +233,18 @@ pub async fn unavailable_store_is_transient(target: &dyn ConformanceTarget) {
     let health = sink.health().await;
     target.make_available().await;
     match outcome {
-        Err(err) => assert!(err.is_transient(), "{case}: expected Transient, got {err:?}"),
-        Ok(written) => panic!("{case}: write succeeded while the store was unavailable: {written:?}"),
+        Err(err) => assert!(
+            err.is_transient(),
+            "{case}: expected Transient, got {err:?}"
+        ),
+        Ok(written) => {
+            panic!("{case}: write succeeded while the store was unavailable: {written:?}")
+        }
     }
-    assert!(health.is_err(), "{case}: health must fail while the store is unavailable");
+    assert!(
+        health.is_err(),
+        "{case}: health must fail while the store is unavailable"
+    );
 
     let written = sink.write(&batch).await.expect("write after recovery");
     assert_eq!(written.written, 30, "{case}: rows written after recovery");
@@ -214,25 +261,38 @@ async fn write_and_compare(case: &str, target: &dyn ConformanceTarget, reports: 
         .unwrap_or_else(|err| panic!("{case}: write failed: {}", err.detailed()));
     assert_eq!(written.written as usize, rows, "{case}: rows written");
     assert_eq!(written.duplicates, 0, "{case}: duplicates");
-    assert!(written.rejected.is_empty(), "{case}: rejected {:?}", written.rejected);
+    assert!(
+        written.rejected.is_empty(),
+        "{case}: rejected {:?}",
+        written.rejected
+    );
     assert_stored(case, target, &reports).await;
 }
 
 /// Every object of `reports` is stored once, field for field, and nothing else is stored for
 /// their connections.
 async fn assert_stored(case: &str, target: &dyn ConformanceTarget, reports: &[Report]) {
-    let mut expected: HashMap<&str, HashMap<(String, u64), (&Report, &StatsObject)>> = HashMap::new();
+    /// Objects of one connection by `(rtc_id, rtc_timestamp bits)`.
+    type ByKey<'a> = HashMap<(String, u64), (&'a Report, &'a StatsObject)>;
+    let mut expected: HashMap<&str, ByKey<'_>> = HashMap::new();
     for report in reports {
         for object in &report.stats {
             expected
                 .entry(report.connection.connection_id.as_str())
                 .or_default()
-                .insert((object.rtc_id.clone(), object.rtc_timestamp.to_bits()), (report, object));
+                .insert(
+                    (object.rtc_id.clone(), object.rtc_timestamp.to_bits()),
+                    (report, object),
+                );
         }
     }
     for (connection_id, objects) in expected {
         let stored = target.stored_stats(connection_id).await;
-        assert_eq!(stored.len(), objects.len(), "{case}: row count of connection {connection_id}");
+        assert_eq!(
+            stored.len(),
+            objects.len(),
+            "{case}: row count of connection {connection_id}"
+        );
         for row in stored {
             let key = (row.rtc_id.clone(), row.rtc_timestamp.to_bits());
             let (report, object) = objects
@@ -244,14 +304,35 @@ async fn assert_stored(case: &str, target: &dyn ConformanceTarget, reports: &[Re
             assert_eq!(row.rtc_data, sent, "{case}: rtc_data of {key:?}");
             assert_eq!(row.rtc_type, object.rtc_type, "{case}: rtc_type of {key:?}");
             assert_eq!(
-                (&row.channel_id, &row.session_id, &row.client_id, &row.bundle_id),
-                (&connection.channel_id, &connection.session_id, &connection.client_id, &connection.bundle_id),
+                (
+                    &row.channel_id,
+                    &row.session_id,
+                    &row.client_id,
+                    &row.bundle_id
+                ),
+                (
+                    &connection.channel_id,
+                    &connection.session_id,
+                    &connection.client_id,
+                    &connection.bundle_id
+                ),
                 "{case}: ids of {key:?}"
             );
-            assert_eq!(row.sora_timestamp, report.sora_timestamp, "{case}: sora_timestamp of {key:?}");
-            assert_eq!(row.received_at, report.received_at, "{case}: received_at of {key:?}");
+            assert_eq!(
+                row.sora_timestamp, report.sora_timestamp,
+                "{case}: sora_timestamp of {key:?}"
+            );
+            assert_eq!(
+                row.received_at, report.received_at,
+                "{case}: received_at of {key:?}"
+            );
         }
-        let connection = &objects.values().next().expect("at least one object").0.connection;
+        let connection = &objects
+            .values()
+            .next()
+            .expect("at least one object")
+            .0
+            .connection;
         let stored = target
             .stored_connection(connection_id)
             .await

@@ -59,7 +59,9 @@ pub fn sora_id(seed: u64) -> String {
     let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
     (0..26)
         .map(|_| {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             ALPHABET[(state >> 59) as usize] as char
         })
         .collect()
@@ -117,7 +119,14 @@ pub fn every_type_report(connection: Connection, rtc_timestamp: f64) -> Report {
     let stats = STATS_TYPES
         .iter()
         .enumerate()
-        .map(|(i, rtc_type)| object(rtc_type, &format!("{rtc_type}-{i}"), rtc_timestamp, i as u64))
+        .map(|(i, rtc_type)| {
+            object(
+                rtc_type,
+                &format!("{rtc_type}-{i}"),
+                rtc_timestamp,
+                i as u64,
+            )
+        })
         .collect();
     Report {
         connection,
@@ -132,7 +141,12 @@ pub fn report(connection: Connection, rtc_timestamp: f64, objects: usize) -> Rep
     let stats = (0..objects)
         .map(|i| {
             let rtc_type = STATS_TYPES[i % STATS_TYPES.len()];
-            object(rtc_type, &format!("{rtc_type}-{i}"), rtc_timestamp, i as u64)
+            object(
+                rtc_type,
+                &format!("{rtc_type}-{i}"),
+                rtc_timestamp,
+                i as u64,
+            )
         })
         .collect();
     Report {
