@@ -87,7 +87,8 @@ fn tls_config(dir: &Path, server_ca: &Ca, client_ca_path: Option<&Path>) -> koha
 async fn h2_over_tls_stores_reports() {
     let dir = tempfile::tempdir().unwrap();
     let server_ca = Ca::new("kohaku test server CA");
-    let config = tls_config(dir.path(), &server_ca, None);
+    let mut config = tls_config(dir.path(), &server_ca, None);
+    config.exporter.https = true;
     let (sink, db) = sqlite_sink(dir.path()).await;
     let app = start(&config, vec![sink]).await;
 
