@@ -211,6 +211,14 @@ impl SinkError {
     }
 }
 
+/// A backend-specific counter, exported as `kohaku_sink_<name>_total{sink="…"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkCounter {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
 /// A storage backend.
 #[async_trait]
 pub trait StatsSink: Send + Sync {
@@ -229,5 +237,10 @@ pub trait StatsSink: Send + Sync {
     /// Flush and release connections.
     async fn close(&self) -> Result<(), SinkError> {
         Ok(())
+    }
+
+    /// Counters of work the backend does on its own (e.g. retention sweeps), read at each scrape.
+    fn counters(&self) -> Vec<SinkCounter> {
+        Vec::new()
     }
 }

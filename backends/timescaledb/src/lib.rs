@@ -1,0 +1,890 @@
+//! TimescaleDB / PostgreSQL storage backend for Kohaku.
+//!
+//! With the timescaledb extension available, `rtc_stats` becomes a hypertable with compression and
+//! retention policies; on plain PostgreSQL the same tables are used and Kohaku deletes rows older
+//! than the retention itself. Writes stream the batch with `COPY` into a per-session staging table
+//! and move it with one `INSERT … SELECT … ON CONFLICT DO NOTHING`, which keeps them idempotent.
+
+mod redact;
+pub mod schema;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kohaku_sink::{
+    format_timestamp, Connection, RejectedRow, Report, SinkCounter, SinkError, StatsBatch,
+    StatsObject, StatsSink, WriteReport,
+};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use sqlx::{ConnectOptions, Postgres, QueryBuilder, Row};
+use tokio::task::JoinHandle;
+
+pub use redact::redact_uri;
+pub use schema::{Flavor, TimescaleSettings};
+
+/// Rows deleted per statement by Kohaku's own retention, so a sweep never holds long locks.
+const RETENTION_DELETE_BATCH: i64 = 10_000;
+/// Arbitrary constant naming Kohaku's migration lock among the database's advisory locks.
+const MIGRATION_LOCK_KEY: i64 = 0x6b6f_6861_6b75;
+/// Bytes of COPY data sent per message.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
+/// Connections upserted per statement: 13 parameters each, below PostgreSQL's 65535 limit.
+const CONNECTIONS_PER_UPSERT: usize = 4_000;
+
+const CREATE_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS kohaku_rtc_stats_stage (\
+     channel_id text, session_id text, client_id text, connection_id text, bundle_id text, \
+     rtc_type text, rtc_id text, rtc_timestamp double precision, rtc_data text, \
+     sora_timestamp timestamptz, received_at timestamptz) ON COMMIT DELETE ROWS";
+
+const COPY_STAGE: &str =
+    "COPY kohaku_rtc_stats_stage (channel_id, session_id, client_id, connection_id, \
+     bundle_id, rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) FROM STDIN";
+
+const INSERT_FROM_STAGE: &str = "INSERT INTO rtc_stats (rtc_time, channel_id, session_id, client_id, \
+     connection_id, bundle_id, rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) \
+     SELECT to_timestamp(rtc_timestamp / 1000.0), channel_id, session_id, client_id, connection_id, \
+     bundle_id, rtc_type, rtc_id, rtc_timestamp, rtc_data::jsonb, sora_timestamp, received_at \
+     FROM kohaku_rtc_stats_stage ON CONFLICT DO NOTHING";
+
+const INSERT_ONE: &str = "INSERT INTO rtc_stats (rtc_time, channel_id, session_id, client_id, \
+     connection_id, bundle_id, rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) \
+     VALUES (to_timestamp($8 / 1000.0), $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::timestamptz, \
+     $11::timestamptz) ON CONFLICT DO NOTHING";
+
+const CONNECTION_COLUMNS: &str = "INSERT INTO sora_connection (channel_id, session_id, client_id, \
+     connection_id, bundle_id, label, version, node_name, role, multistream, simulcast, spotlight, \
+     first_seen, last_seen) ";
+
+/// Metadata follows the newest report; first/last seen only widen.
+const CONNECTION_CONFLICT: &str = " ON CONFLICT (connection_id) DO UPDATE SET \
+     first_seen = LEAST(sora_connection.first_seen, EXCLUDED.first_seen), \
+     last_seen = GREATEST(sora_connection.last_seen, EXCLUDED.last_seen), \
+     channel_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.channel_id ELSE sora_connection.channel_id END, \
+     session_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.session_id ELSE sora_connection.session_id END, \
+     client_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.client_id ELSE sora_connection.client_id END, \
+     bundle_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.bundle_id ELSE sora_connection.bundle_id END, \
+     label = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.label ELSE sora_connection.label END, \
+     version = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.version ELSE sora_connection.version END, \
+     node_name = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.node_name ELSE sora_connection.node_name END, \
+     role = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.role ELSE sora_connection.role END, \
+     multistream = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.multistream ELSE sora_connection.multistream END, \
+     simulcast = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.simulcast ELSE sora_connection.simulcast END, \
+     spotlight = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.spotlight ELSE sora_connection.spotlight END";
+
+#[derive(Debug, Clone)]
+pub struct TimescaleOptions {
+    /// `postgres://…`; never logged or shown unredacted.
+    pub uri: String,
+    /// Verify the server's certificate against this CA (TLS, `verify-full`).
+    pub ca_cert_file: Option<PathBuf>,
+    pub max_connections: u32,
+    /// How long a write waits for a free connection before failing transiently.
+    pub acquire_timeout: Duration,
+    pub settings: TimescaleSettings,
+    /// How often Kohaku deletes expired rows on plain PostgreSQL.
+    pub retention_interval: Duration,
+    /// The server cancels any statement running longer (a write then fails transiently and is
+    /// retried) instead of letting a stuck lock hold the pipeline forever.
+    pub statement_timeout: Duration,
+}
+
+impl TimescaleOptions {
+    pub fn new(uri: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            ca_cert_file: None,
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            settings: TimescaleSettings {
+                chunk_interval: "1 day".into(),
+                compress_after_days: 7,
+                retention_days: 60,
+            },
+            retention_interval: Duration::from_secs(3600),
+            statement_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    retention_runs: AtomicU64,
+    retention_deleted_rows: AtomicU64,
+}
+
+pub struct TimescaleSink {
+    pool: PgPool,
+    redacted_uri: String,
+    options: TimescaleOptions,
+    flavor: Mutex<Option<Flavor>>,
+    retention_task: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl TimescaleSink {
+    /// Prepares a connection pool. Nothing is contacted until the first use, so a database that
+    /// is down at this moment is reported by `migrate` or `health`, not here.
+    pub fn connect(options: TimescaleOptions) -> Result<Self, SinkError> {
+        let redacted_uri = redact_uri(&options.uri);
+        if !(options.uri.starts_with("postgres://") || options.uri.starts_with("postgresql://")) {
+            return Err(SinkError::Permanent {
+                message: format!(
+                    "timescaledb: uri {redacted_uri} must start with postgres:// or postgresql://"
+                ),
+                source: None,
+            });
+        }
+        if options.settings.chunk_interval.is_empty()
+            || !schema::valid_interval(&options.settings.chunk_interval)
+        {
+            return Err(SinkError::Permanent {
+                message: format!(
+                    "timescaledb: chunk_interval {:?} is not of the form `N minutes|hours|days|weeks`",
+                    options.settings.chunk_interval
+                ),
+                source: None,
+            });
+        }
+        let mut connect = PgConnectOptions::from_str(&options.uri)
+            .map_err(|err| SinkError::Permanent {
+                message: format!(
+                    "timescaledb: invalid uri {redacted_uri}: {}",
+                    redact_uri(&err.to_string())
+                ),
+                source: None,
+            })?
+            .application_name("kohaku")
+            // Quiet the "relation already exists" notice of the staging table, once per batch.
+            .options([
+                ("client_min_messages", "warning".to_owned()),
+                (
+                    "statement_timeout",
+                    format!("{}ms", options.statement_timeout.as_millis()),
+                ),
+            ])
+            .disable_statement_logging();
+        if let Some(ca) = &options.ca_cert_file {
+            connect = connect.ssl_mode(PgSslMode::VerifyFull).ssl_root_cert(ca);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .min_connections(0)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        Ok(Self {
+            pool,
+            redacted_uri,
+            options,
+            flavor: Mutex::new(None),
+            retention_task: Mutex::new(None),
+            counters: Arc::default(),
+        })
+    }
+
+    /// What `migrate` found on the server; `None` before it ran.
+    pub fn flavor(&self) -> Option<Flavor> {
+        self.flavor.lock().ok().and_then(|flavor| flavor.clone())
+    }
+
+    /// The database, for logs: the uri with its password hidden.
+    pub fn redacted_uri(&self) -> &str {
+        &self.redacted_uri
+    }
+
+    /// Applies the numbered migrations up to `target` (all of them in `migrate`). For upgrade
+    /// tests and for operators who stage upgrades.
+    pub async fn migrate_to(&self, target: i32) -> Result<i32, SinkError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(classify("timescaledb: cannot begin migration"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK_KEY)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify("timescaledb: cannot take the migration lock"))?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS kohaku_schema_migrations (version integer PRIMARY KEY, \
+             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(classify(
+            "timescaledb: cannot create kohaku_schema_migrations",
+        ))?;
+        let applied: i32 =
+            sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM kohaku_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify("timescaledb: cannot read the schema version"))?;
+        let newest = schema::MIGRATIONS
+            .last()
+            .map_or(0, |(version, _, _)| *version);
+        if applied > newest {
+            return Err(SinkError::Permanent {
+                message: format!(
+                    "timescaledb: the database schema is at version {applied}, newer than this Kohaku knows \
+                     ({newest}); upgrade Kohaku or use another database"
+                ),
+                source: None,
+            });
+        }
+        let mut version = applied;
+        for (next, name, sql) in schema::MIGRATIONS
+            .iter()
+            .filter(|(next, _, _)| *next > applied && *next <= target)
+        {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify_owned(format!(
+                    "timescaledb: migration {next} ({name}) failed"
+                )))?;
+            sqlx::query("INSERT INTO kohaku_schema_migrations (version, name) VALUES ($1, $2)")
+                .bind(next)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify("timescaledb: cannot record the migration"))?;
+            tracing::info!(
+                version = next,
+                name,
+                "timescaledb: applied schema migration"
+            );
+            version = *next;
+        }
+        tx.commit()
+            .await
+            .map_err(classify("timescaledb: cannot commit the migration"))?;
+        Ok(version)
+    }
+
+    async fn detect(&self) -> Result<schema::ExtensionInfo, SinkError> {
+        let row = sqlx::query(
+            "SELECT (SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'), \
+                    (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify("timescaledb: cannot read the available extensions"))?;
+        Ok(schema::ExtensionInfo {
+            available: row.try_get(0).map_err(classify(
+                "timescaledb: cannot read the available extensions",
+            ))?,
+            installed: row.try_get(1).map_err(classify(
+                "timescaledb: cannot read the installed extensions",
+            ))?,
+        })
+    }
+
+    async fn apply_timescaledb(&self) -> Result<(), SinkError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(classify("timescaledb: cannot begin"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK_KEY)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify("timescaledb: cannot take the migration lock"))?;
+        for (name, sql) in schema::timescaledb_statements(&self.options.settings) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify_owned(format!(
+                    "timescaledb: statement `{name}` of timescaledb.sql failed"
+                )))?;
+        }
+        tx.commit()
+            .await
+            .map_err(classify("timescaledb: cannot commit"))
+    }
+
+    /// Deletes rows older than `retention_days`, in bounded batches. Returns the rows deleted.
+    /// Runs periodically on plain PostgreSQL; TimescaleDB's own policy does it otherwise.
+    pub async fn enforce_retention(&self) -> Result<u64, SinkError> {
+        enforce_retention(
+            &self.pool,
+            self.options.settings.retention_days,
+            &self.counters,
+        )
+        .await
+    }
+
+    fn start_retention_task(&self) {
+        let Ok(mut task) = self.retention_task.lock() else {
+            return;
+        };
+        if task.is_some() || self.options.settings.retention_days == 0 {
+            return;
+        }
+        let pool = self.pool.clone();
+        let days = self.options.settings.retention_days;
+        let every = self.options.retention_interval;
+        let counters = Arc::clone(&self.counters);
+        *task = Some(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(err) = enforce_retention(&pool, days, &counters).await {
+                    tracing::warn!(error = %err.detailed(), "timescaledb: retention sweep failed; retrying at the next one");
+                }
+            }
+        }));
+    }
+
+    async fn write_batch(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
+        let mut report = WriteReport::default();
+        let mut rows: Vec<(&Report, &StatsObject)> = Vec::with_capacity(batch.row_count());
+        let mut connections: Vec<&Report> = Vec::with_capacity(batch.reports().len());
+        for stats_report in batch.reports() {
+            if let Some(reason) = connection_problem(&stats_report.connection) {
+                report.rejected.extend(
+                    stats_report
+                        .stats
+                        .iter()
+                        .map(|object| rejected(stats_report, object, &reason)),
+                );
+                continue;
+            }
+            connections.push(stats_report);
+            for object in &stats_report.stats {
+                match object_problem(object) {
+                    Some(reason) => report
+                        .rejected
+                        .push(rejected(stats_report, object, &reason)),
+                    None => rows.push((stats_report, object)),
+                }
+            }
+        }
+
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(classify("timescaledb: cannot begin a transaction"))?;
+        sqlx::query(CREATE_STAGE)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify("timescaledb: cannot create the staging table"))?;
+        let mut copy = tx
+            .copy_in_raw(COPY_STAGE)
+            .await
+            .map_err(classify("timescaledb: cannot start COPY"))?;
+        let mut buffer = Vec::with_capacity(COPY_CHUNK_BYTES + 4096);
+        for (stats_report, object) in &rows {
+            encode_copy_row(&mut buffer, stats_report, object);
+            if buffer.len() >= COPY_CHUNK_BYTES {
+                copy.send(std::mem::take(&mut buffer))
+                    .await
+                    .map_err(classify("timescaledb: COPY failed"))?;
+            }
+        }
+        if !buffer.is_empty() {
+            copy.send(buffer)
+                .await
+                .map_err(classify("timescaledb: COPY failed"))?;
+        }
+        copy.finish()
+            .await
+            .map_err(classify("timescaledb: COPY failed"))?;
+
+        let moved = sqlx::query(INSERT_FROM_STAGE).execute(&mut *tx).await;
+        let written = match moved {
+            Ok(done) => done.rows_affected(),
+            Err(err) if is_data_error(&err) => {
+                // One value PostgreSQL refuses (e.g. a JSON escape jsonb cannot hold) fails the
+                // whole statement: find it row by row so the rest is still stored.
+                drop(tx);
+                tracing::warn!(error = %err, rows = rows.len(), "timescaledb: batch refused by the database; writing it row by row");
+                return self.write_row_by_row(&rows, &connections, report).await;
+            }
+            Err(err) => return Err(classify("timescaledb: cannot insert rtc_stats")(err)),
+        };
+        upsert_connections(&mut tx, &connections).await?;
+        tx.commit()
+            .await
+            .map_err(classify("timescaledb: cannot commit"))?;
+        report.written = written;
+        report.duplicates = rows.len() as u64 - written;
+        Ok(report)
+    }
+
+    async fn write_row_by_row(
+        &self,
+        rows: &[(&Report, &StatsObject)],
+        connections: &[&Report],
+        mut report: WriteReport,
+    ) -> Result<WriteReport, SinkError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(classify("timescaledb: cannot begin a transaction"))?;
+        for (stats_report, object) in rows {
+            sqlx::query("SAVEPOINT kohaku_row")
+                .execute(&mut *tx)
+                .await
+                .map_err(classify("timescaledb: cannot set a savepoint"))?;
+            let connection = &stats_report.connection;
+            let inserted = sqlx::query(INSERT_ONE)
+                .bind(&connection.channel_id)
+                .bind(&connection.session_id)
+                .bind(&connection.client_id)
+                .bind(&connection.connection_id)
+                .bind(&connection.bundle_id)
+                .bind(&object.rtc_type)
+                .bind(&object.rtc_id)
+                .bind(object.rtc_timestamp)
+                .bind(object.rtc_data.get())
+                .bind(format_timestamp(stats_report.sora_timestamp))
+                .bind(format_timestamp(stats_report.received_at))
+                .execute(&mut *tx)
+                .await;
+            match inserted {
+                Ok(done) => {
+                    report.written += done.rows_affected();
+                    report.duplicates += 1 - done.rows_affected();
+                    sqlx::query("RELEASE SAVEPOINT kohaku_row")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify("timescaledb: cannot release a savepoint"))?;
+                }
+                Err(err) if is_data_error(&err) => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT kohaku_row")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(classify("timescaledb: cannot roll back to a savepoint"))?;
+                    report
+                        .rejected
+                        .push(rejected(stats_report, object, &err.to_string()));
+                }
+                Err(err) => return Err(classify("timescaledb: cannot insert rtc_stats")(err)),
+            }
+        }
+        upsert_connections(&mut tx, connections).await?;
+        tx.commit()
+            .await
+            .map_err(classify("timescaledb: cannot commit"))?;
+        Ok(report)
+    }
+}
+
+async fn enforce_retention(
+    pool: &PgPool,
+    retention_days: u32,
+    counters: &Counters,
+) -> Result<u64, SinkError> {
+    if retention_days == 0 {
+        return Ok(0);
+    }
+    let days = i32::try_from(retention_days).unwrap_or(i32::MAX);
+    let mut deleted = 0u64;
+    loop {
+        let done = sqlx::query(
+            "DELETE FROM rtc_stats WHERE ctid IN (SELECT ctid FROM rtc_stats \
+             WHERE rtc_time < now() - make_interval(days => $1) LIMIT $2)",
+        )
+        .bind(days)
+        .bind(RETENTION_DELETE_BATCH)
+        .execute(pool)
+        .await
+        .map_err(classify("timescaledb: retention delete failed"))?;
+        deleted += done.rows_affected();
+        if done.rows_affected() < RETENTION_DELETE_BATCH as u64 {
+            break;
+        }
+    }
+    let connections = sqlx::query(
+        "DELETE FROM sora_connection WHERE last_seen < now() - make_interval(days => $1)",
+    )
+    .bind(days)
+    .execute(pool)
+    .await
+    .map_err(classify(
+        "timescaledb: retention delete of sora_connection failed",
+    ))?
+    .rows_affected();
+    counters.retention_runs.fetch_add(1, Ordering::Relaxed);
+    counters
+        .retention_deleted_rows
+        .fetch_add(deleted, Ordering::Relaxed);
+    tracing::info!(
+        deleted_rows = deleted,
+        deleted_connections = connections,
+        retention_days,
+        "timescaledb: retention sweep done"
+    );
+    Ok(deleted)
+}
+
+async fn upsert_connections(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    reports: &[&Report],
+) -> Result<(), SinkError> {
+    // One row per connection: PostgreSQL refuses to update the same row twice in one statement.
+    let mut merged: HashMap<&str, (&Connection, String, String, String)> = HashMap::new();
+    for report in reports {
+        let seen = format_timestamp(report.sora_timestamp);
+        merged
+            .entry(report.connection.connection_id.as_str())
+            .and_modify(|(connection, first, last, _)| {
+                if seen > *last {
+                    *connection = &report.connection;
+                    last.clone_from(&seen);
+                }
+                if seen < *first {
+                    first.clone_from(&seen);
+                }
+            })
+            .or_insert_with(|| (&report.connection, seen.clone(), seen.clone(), seen));
+    }
+    let merged: Vec<_> = merged.into_values().collect();
+    for chunk in merged.chunks(CONNECTIONS_PER_UPSERT) {
+        let mut query = QueryBuilder::<Postgres>::new(CONNECTION_COLUMNS);
+        query.push_values(chunk, |mut row, (connection, first_seen, last_seen, _)| {
+            row.push_bind(&connection.channel_id)
+                .push_bind(&connection.session_id)
+                .push_bind(&connection.client_id)
+                .push_bind(&connection.connection_id)
+                .push_bind(&connection.bundle_id)
+                .push_bind(&connection.label)
+                .push_bind(&connection.version)
+                .push_bind(&connection.node_name)
+                .push_bind(&connection.role)
+                .push_bind(connection.multistream)
+                .push_bind(connection.simulcast)
+                .push_bind(connection.spotlight)
+                .push_bind(first_seen.as_str())
+                .push_unseparated("::timestamptz")
+                .push_bind(last_seen.as_str())
+                .push_unseparated("::timestamptz");
+        });
+        query.push(CONNECTION_CONFLICT);
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(classify("timescaledb: cannot upsert sora_connection"))?;
+    }
+    Ok(())
+}
+
+/// One line of COPY's text format.
+fn encode_copy_row(buffer: &mut Vec<u8>, report: &Report, object: &StatsObject) {
+    let connection = &report.connection;
+    for field in [
+        Some(connection.channel_id.as_str()),
+        Some(connection.session_id.as_str()),
+        Some(connection.client_id.as_str()),
+        Some(connection.connection_id.as_str()),
+        connection.bundle_id.as_deref(),
+        Some(object.rtc_type.as_str()),
+        Some(object.rtc_id.as_str()),
+    ] {
+        push_copy_field(buffer, field);
+        buffer.push(b'\t');
+    }
+    // `{:?}` prints the shortest text that parses back to the same f64.
+    buffer.extend_from_slice(format!("{:?}", object.rtc_timestamp).as_bytes());
+    buffer.push(b'\t');
+    push_copy_field(buffer, Some(object.rtc_data.get()));
+    buffer.push(b'\t');
+    buffer.extend_from_slice(format_timestamp(report.sora_timestamp).as_bytes());
+    buffer.push(b'\t');
+    buffer.extend_from_slice(format_timestamp(report.received_at).as_bytes());
+    buffer.push(b'\n');
+}
+
+fn push_copy_field(buffer: &mut Vec<u8>, value: Option<&str>) {
+    let Some(value) = value else {
+        buffer.extend_from_slice(b"\\N");
+        return;
+    };
+    for byte in value.bytes() {
+        match byte {
+            b'\\' => buffer.extend_from_slice(b"\\\\"),
+            b'\n' => buffer.extend_from_slice(b"\\n"),
+            b'\r' => buffer.extend_from_slice(b"\\r"),
+            b'\t' => buffer.extend_from_slice(b"\\t"),
+            other => buffer.push(other),
+        }
+    }
+}
+
+/// PostgreSQL text cannot hold NUL.
+fn connection_problem(connection: &Connection) -> Option<String> {
+    let fields = [
+        ("channel_id", connection.channel_id.as_str()),
+        ("session_id", &connection.session_id),
+        ("client_id", &connection.client_id),
+        ("connection_id", &connection.connection_id),
+        (
+            "bundle_id",
+            connection.bundle_id.as_deref().unwrap_or_default(),
+        ),
+        ("label", &connection.label),
+        ("version", &connection.version),
+        ("node_name", &connection.node_name),
+        ("role", &connection.role),
+    ];
+    fields
+        .iter()
+        .find(|(_, value)| value.contains('\0'))
+        .map(|(name, _)| {
+            format!("{name} contains a NUL character, which PostgreSQL text cannot store")
+        })
+}
+
+/// Values PostgreSQL is known to refuse, caught before they can fail a whole batch.
+fn object_problem(object: &StatsObject) -> Option<String> {
+    if object.rtc_id.contains('\0') || object.rtc_type.contains('\0') {
+        return Some(
+            "id or type contains a NUL character, which PostgreSQL text cannot store".into(),
+        );
+    }
+    if has_nul_escape(object.rtc_data.get()) {
+        return Some("the object contains \\u0000, which PostgreSQL jsonb cannot store".into());
+    }
+    None
+}
+
+/// Whether the JSON text holds the escape `\u0000` (not merely an escaped backslash before it).
+fn has_nul_escape(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'\\' {
+            if bytes.get(index + 1) == Some(&b'u')
+                && bytes.get(index + 2..index + 6) == Some(b"0000".as_slice())
+            {
+                return true;
+            }
+            index += 2;
+        } else {
+            index += 1;
+        }
+    }
+    false
+}
+
+fn rejected(report: &Report, object: &StatsObject, reason: &str) -> RejectedRow {
+    RejectedRow {
+        connection_id: report.connection.connection_id.clone(),
+        rtc_id: object.rtc_id.clone(),
+        rtc_timestamp: object.rtc_timestamp,
+        reason: reason.to_owned(),
+    }
+}
+
+fn sqlstate(err: &sqlx::Error) -> Option<Cow<'_, str>> {
+    match err {
+        sqlx::Error::Database(db) => db.code(),
+        _ => None,
+    }
+}
+
+/// Class 22: the data itself is wrong (bad JSON escape, value out of range…).
+fn is_data_error(err: &sqlx::Error) -> bool {
+    sqlstate(err).is_some_and(|code| code.starts_with("22"))
+}
+
+/// Whether a SQLSTATE means "try again later". Everything else from the database is permanent.
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
+        || matches!(
+            code,
+            "40001" // serialization_failure
+            | "40P01" // deadlock_detected
+            | "55P03" // lock_not_available
+            | "57014" // query_canceled (statement_timeout)
+            | "57P01" // admin_shutdown
+            | "57P02" // crash_shutdown
+            | "57P03" // cannot_connect_now (starting up, recovering)
+            | "58000" // system_error
+            | "58030" // io_error
+        )
+}
+
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
+        _ => false,
+    }
+}
+
+fn classify_error(context: &str, err: sqlx::Error) -> SinkError {
+    let message = format!("{context}: {}", redact_uri(&err.to_string()));
+    if is_transient(&err) {
+        SinkError::Transient {
+            message,
+            source: None,
+        }
+    } else {
+        SinkError::Permanent {
+            message,
+            source: None,
+        }
+    }
+}
+
+fn classify(context: &'static str) -> impl Fn(sqlx::Error) -> SinkError {
+    move |err| classify_error(context, err)
+}
+
+fn classify_owned(context: String) -> impl Fn(sqlx::Error) -> SinkError {
+    move |err| classify_error(&context, err)
+}
+
+#[async_trait]
+impl StatsSink for TimescaleSink {
+    fn name(&self) -> &str {
+        "timescaledb"
+    }
+
+    async fn migrate(&self) -> Result<(), SinkError> {
+        let newest = schema::MIGRATIONS
+            .last()
+            .map_or(0, |(version, _, _)| *version);
+        self.migrate_to(newest).await?;
+        let flavor = Flavor::choose(&self.detect().await?);
+        match &flavor {
+            Flavor::TimescaleDb { version } => {
+                self.apply_timescaledb().await?;
+                tracing::info!(
+                    database = %self.redacted_uri,
+                    timescaledb = %version,
+                    chunk_interval = %self.options.settings.chunk_interval,
+                    compress_after_days = self.options.settings.compress_after_days,
+                    retention_days = self.options.settings.retention_days,
+                    "timescaledb: extension present; rtc_stats is a hypertable with compression and retention policies"
+                );
+            }
+            Flavor::PlainPostgres => {
+                tracing::info!(
+                    database = %self.redacted_uri,
+                    retention_days = self.options.settings.retention_days,
+                    "timescaledb: extension not available; using plain PostgreSQL tables, retention enforced by Kohaku"
+                );
+                self.start_retention_task();
+            }
+        }
+        if let Ok(mut slot) = self.flavor.lock() {
+            *slot = Some(flavor);
+        }
+        Ok(())
+    }
+
+    async fn write(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
+        if batch.is_empty() {
+            return Ok(WriteReport::default());
+        }
+        self.write_batch(batch).await
+    }
+
+    async fn health(&self) -> Result<(), SinkError> {
+        // Touching rtc_stats also proves the schema is there and the table is not locked away.
+        sqlx::query("SELECT 1 FROM rtc_stats LIMIT 0")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(classify("timescaledb: health check failed"))
+    }
+
+    async fn close(&self) -> Result<(), SinkError> {
+        if let Ok(mut task) = self.retention_task.lock() {
+            if let Some(task) = task.take() {
+                task.abort();
+            }
+        }
+        self.pool.close().await;
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<SinkCounter> {
+        vec![
+            SinkCounter {
+                name: "retention_runs",
+                help: "Retention sweeps Kohaku ran itself (plain PostgreSQL only)",
+                value: self.counters.retention_runs.load(Ordering::Relaxed),
+            },
+            SinkCounter {
+                name: "retention_deleted_rows",
+                help: "rtc_stats rows Kohaku deleted as older than retention_days (plain PostgreSQL only)",
+                value: self.counters.retention_deleted_rows.load(Ordering::Relaxed),
+            },
+        ]
+    }
+}
+
+impl Drop for TimescaleSink {
+    fn drop(&mut self) {
+        if let Ok(mut task) = self.retention_task.lock() {
+            if let Some(task) = task.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified() {
+        for transient in [
+            "08000", "08006", "08001", "57P01", "57P03", "40001", "40P01", "53300", "53100",
+            "55P03", "57014",
+        ] {
+            assert!(is_transient_sqlstate(transient), "{transient}");
+        }
+        for permanent in [
+            "22P02", "22003", "22P05", "23505", "42P01", "42703", "28P01", "3D000",
+        ] {
+            assert!(!is_transient_sqlstate(permanent), "{permanent}");
+        }
+        assert!(is_transient(&sqlx::Error::PoolTimedOut));
+        assert!(is_transient(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(!is_transient(&sqlx::Error::RowNotFound));
+    }
+
+    #[test]
+    fn nul_escapes_are_found_but_escaped_backslashes_are_not() {
+        assert!(has_nul_escape(r#"{"a":"x\u0000y"}"#));
+        assert!(!has_nul_escape(r#"{"a":"x\\u0000y"}"#));
+        assert!(has_nul_escape(r#"{"a":"x\\\u0000y"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\u0001"}"#));
+    }
+
+    #[test]
+    fn copy_fields_are_escaped() {
+        let mut buffer = Vec::new();
+        push_copy_field(&mut buffer, Some("a\tb\nc\\d\re"));
+        assert_eq!(buffer, b"a\\tb\\nc\\\\d\\re");
+        buffer.clear();
+        push_copy_field(&mut buffer, None);
+        assert_eq!(buffer, b"\\N");
+    }
+}

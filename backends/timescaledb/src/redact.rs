@@ -1,0 +1,56 @@
+/// `postgres://user:secret@host/db?password=x` → `postgres://user:***@host/db?password=***`, for
+/// every log line, error and printed config. Text that is not a URI is returned unchanged except
+/// for `password=` values.
+pub fn redact_uri(uri: &str) -> String {
+    let mut redacted = match uri.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(authority_end);
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _password)) => format!("{user}:***@{host}"),
+                    None => authority.to_owned(),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{tail}")
+        }
+        None => uri.to_owned(),
+    };
+    let mut search_from = 0;
+    while let Some(found) = redacted[search_from..].find("password=") {
+        let value_start = search_from + found + "password=".len();
+        let value_end = redacted[value_start..]
+            .find(['&', ' ', '#'])
+            .map_or(redacted.len(), |end| value_start + end);
+        redacted.replace_range(value_start..value_end, "***");
+        search_from = value_start + 3;
+    }
+    redacted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_uri;
+
+    #[test]
+    fn passwords_are_hidden() {
+        for (uri, expected) in [
+            (
+                "postgres://kohaku:s3cr%40t@db:5432/stats",
+                "postgres://kohaku:***@db:5432/stats",
+            ),
+            ("postgresql://u:p@h", "postgresql://u:***@h"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://h/db?user=u&password=pw&sslmode=verify-full",
+                "postgres://h/db?user=u&password=***&sslmode=verify-full",
+            ),
+            ("postgres://u:a:b@c@h/db", "postgres://u:***@h/db"),
+            ("host=h password=pw user=u", "host=h password=*** user=u"),
+        ] {
+            assert_eq!(redact_uri(uri), expected);
+            assert!(!redact_uri(uri).contains("pw"));
+        }
+    }
+}

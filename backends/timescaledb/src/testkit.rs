@@ -1,0 +1,66 @@
+//! The PostgreSQL the tests use: a throwaway cluster started by `scripts/test` (through
+//! `scripts/pg-cluster`), described by environment variables. Every test gets its own database.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::postgres::PgPool;
+
+/// `postgres://…/postgres` of the test cluster.
+pub const URL_VAR: &str = "KOHAKU_TEST_PG_URL";
+/// The cluster's directory, for stopping and starting it.
+pub const DIR_VAR: &str = "KOHAKU_TEST_PG_DIR";
+/// The `scripts/pg-cluster` path.
+pub const SCRIPT_VAR: &str = "KOHAKU_TEST_PG_SCRIPT";
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the PostgreSQL tests through ./scripts/test, which starts a throwaway cluster")
+    })
+}
+
+/// The server's URL, with `database` as the database.
+pub fn url_of(database: &str) -> String {
+    let base = var(URL_VAR);
+    match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{database}"),
+        None => base,
+    }
+}
+
+/// Creates an empty database named after `prefix` and returns its URL.
+pub async fn fresh_database(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = PgPool::connect(&var(URL_VAR))
+        .await
+        .expect("connect to the test cluster");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&admin)
+        .await
+        .expect("create a test database");
+    admin.close().await;
+    url_of(&name)
+}
+
+fn cluster(action: &str) {
+    let status = Command::new(var(SCRIPT_VAR))
+        .args([action, &var(DIR_VAR)])
+        .status()
+        .expect("run scripts/pg-cluster");
+    assert!(status.success(), "scripts/pg-cluster {action} failed");
+}
+
+/// Stops the whole test cluster (an outage). Only for test binaries that own the cluster alone.
+pub fn stop_server() {
+    cluster("stop");
+}
+
+/// Starts it again on the same port.
+pub fn start_server() {
+    cluster("start");
+}

@@ -1,0 +1,291 @@
+//! The kohaku-sink conformance suite and the backend's own behaviour, against a real PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnection, StoredStats};
+use kohaku_sink::testkit::sample;
+use kohaku_sink::{parse_timestamp, Connection, RawValue, StatsObject, StatsSink};
+use kohaku_timescaledb::testkit::fresh_database;
+use kohaku_timescaledb::{Flavor, TimescaleOptions, TimescaleSink};
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+/// ISO-8601 UTC with microseconds, the shape `parse_timestamp` reads.
+const ISO: &str = "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'";
+
+struct PgTarget {
+    sink: Arc<TimescaleSink>,
+    reader: PgPool,
+    /// A transaction holding an exclusive lock on rtc_stats plays the part of an outage.
+    locker: tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>,
+}
+
+async fn sink_for(url: &str) -> TimescaleSink {
+    let mut options = TimescaleOptions::new(url);
+    options.statement_timeout = Duration::from_millis(500);
+    options.acquire_timeout = Duration::from_secs(2);
+    // The samples are dated 2025: a retention sweep would delete them.
+    options.settings.retention_days = 0;
+    TimescaleSink::connect(options).expect("sink")
+}
+
+impl PgTarget {
+    async fn new() -> Self {
+        let url = fresh_database("conformance").await;
+        let sink = Arc::new(sink_for(&url).await);
+        sink.migrate().await.expect("migrate");
+        Self {
+            sink,
+            reader: PgPool::connect(&url).await.expect("reader"),
+            locker: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+fn time(row: &sqlx::postgres::PgRow, column: &str) -> kohaku_sink::OffsetDateTime {
+    let text: String = row.get(column);
+    parse_timestamp(&text).unwrap_or_else(|err| panic!("{column} {text:?}: {err}"))
+}
+
+#[async_trait]
+impl ConformanceTarget for PgTarget {
+    fn sink(&self) -> Arc<dyn StatsSink> {
+        self.sink.clone()
+    }
+
+    async fn stored_stats(&self, connection_id: &str) -> Vec<StoredStats> {
+        let sql = format!(
+            "SELECT channel_id, session_id, client_id, connection_id, bundle_id, rtc_type, rtc_id, rtc_timestamp, \
+             rtc_data::text AS rtc_data, to_char(sora_timestamp AT TIME ZONE 'UTC', {ISO}) AS sora_timestamp, \
+             to_char(received_at AT TIME ZONE 'UTC', {ISO}) AS received_at, \
+             (extract(epoch FROM rtc_time) * 1000 - rtc_timestamp)::double precision AS time_skew_ms \
+             FROM rtc_stats WHERE connection_id = $1"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(connection_id)
+            .fetch_all(&self.reader)
+            .await
+            .expect("query rtc_stats");
+        rows.iter()
+            .map(|row| {
+                let skew: f64 = row.get("time_skew_ms");
+                assert!(
+                    skew.abs() < 0.001,
+                    "rtc_time is rtc_timestamp as a time (skew {skew} ms)"
+                );
+                let data: String = row.get("rtc_data");
+                StoredStats {
+                    channel_id: row.get("channel_id"),
+                    session_id: row.get("session_id"),
+                    client_id: row.get("client_id"),
+                    connection_id: row.get("connection_id"),
+                    bundle_id: row.get("bundle_id"),
+                    rtc_type: row.get("rtc_type"),
+                    rtc_id: row.get("rtc_id"),
+                    rtc_timestamp: row.get("rtc_timestamp"),
+                    rtc_data: serde_json::from_str(&data).expect("rtc_data is JSON"),
+                    sora_timestamp: time(row, "sora_timestamp"),
+                    received_at: time(row, "received_at"),
+                }
+            })
+            .collect()
+    }
+
+    async fn stored_connection(&self, connection_id: &str) -> Option<StoredConnection> {
+        let sql = format!(
+            "SELECT channel_id, session_id, client_id, connection_id, bundle_id, label, version, node_name, role, \
+             multistream, simulcast, spotlight, to_char(first_seen AT TIME ZONE 'UTC', {ISO}) AS first_seen, \
+             to_char(last_seen AT TIME ZONE 'UTC', {ISO}) AS last_seen FROM sora_connection WHERE connection_id = $1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(connection_id)
+            .fetch_optional(&self.reader)
+            .await
+            .expect("query sora_connection")?;
+        Some(StoredConnection {
+            connection: Connection {
+                channel_id: row.get("channel_id"),
+                session_id: row.get("session_id"),
+                client_id: row.get("client_id"),
+                connection_id: row.get("connection_id"),
+                bundle_id: row.get("bundle_id"),
+                label: row.get("label"),
+                version: row.get("version"),
+                node_name: row.get("node_name"),
+                role: row.get("role"),
+                multistream: row.get("multistream"),
+                simulcast: row.get("simulcast"),
+                spotlight: row.get("spotlight"),
+            },
+            first_seen: time(&row, "first_seen"),
+            last_seen: time(&row, "last_seen"),
+        })
+    }
+
+    async fn make_unavailable(&self) {
+        let mut tx = self.reader.begin().await.expect("begin");
+        sqlx::query("LOCK TABLE rtc_stats IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .expect("lock");
+        *self.locker.lock().await = Some(tx);
+    }
+
+    async fn make_available(&self) {
+        if let Some(tx) = self.locker.lock().await.take() {
+            tx.rollback().await.expect("release the lock");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_passes_the_conformance_suite() {
+    let target = PgTarget::new().await;
+    conformance::run_all(&target).await;
+    assert_eq!(
+        target.sink.flavor(),
+        Some(Flavor::PlainPostgres),
+        "no TimescaleDB on this server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_schema_is_upgraded_and_migrations_are_idempotent() {
+    let url = fresh_database("upgrade").await;
+    let sink = sink_for(&url).await;
+    assert_eq!(sink.migrate_to(1).await.expect("version 1"), 1);
+    let batch = sample::batch([sample::every_type_report(
+        sample::connection(7),
+        1_753_423_611_556.5,
+    )]);
+    let written = sink
+        .write(&batch)
+        .await
+        .expect("write at version 1")
+        .written;
+    assert!(written > 0);
+
+    sink.migrate().await.expect("upgrade");
+    sink.migrate().await.expect("again: a no-op");
+    let reader = PgPool::connect(&url).await.unwrap();
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM kohaku_schema_migrations ORDER BY version")
+            .fetch_all(&reader)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_stats")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(rows as u64, written, "data survives the upgrade");
+    // The typed views of version 2 read the rows written at version 1.
+    let outbound: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM rtc_outbound_rtp WHERE bytes_sent IS NOT NULL")
+            .fetch_one(&reader)
+            .await
+            .unwrap();
+    assert!(outbound > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_postgres_refuses_is_reported_and_the_rest_stored() {
+    let url = fresh_database("refused").await;
+    let sink = sink_for(&url).await;
+    sink.migrate().await.unwrap();
+    let mut report = sample::report(sample::connection(8), 1_753_423_611_556.5, 10);
+    // jsonb cannot hold \u0000, nor a lone surrogate; the latter only the database detects.
+    report.stats.push(StatsObject {
+        rtc_id: "NUL".into(),
+        rtc_type: "codec".into(),
+        rtc_timestamp: 1_753_423_611_556.5,
+        rtc_data: RawValue::from_string(
+            r#"{"id":"NUL","type":"codec","timestamp":1753423611556.5,"x":"a\u0000b"}"#.into(),
+        )
+        .unwrap(),
+    });
+    report.stats.push(StatsObject {
+        rtc_id: "SURROGATE".into(),
+        rtc_type: "codec".into(),
+        rtc_timestamp: 1_753_423_611_556.5,
+        rtc_data: RawValue::from_string(
+            r#"{"id":"SURROGATE","type":"codec","timestamp":1753423611556.5,"x":"\udc00"}"#.into(),
+        )
+        .unwrap(),
+    });
+    let other = sample::report(sample::connection(9), 1_753_423_611_556.5, 5);
+    let result = sink
+        .write(&sample::batch([report, other]))
+        .await
+        .expect("the batch is written");
+    assert_eq!(result.written, 15);
+    let mut refused: Vec<&str> = result
+        .rejected
+        .iter()
+        .map(|row| row.rtc_id.as_str())
+        .collect();
+    refused.sort();
+    assert_eq!(refused, ["NUL", "SURROGATE"]);
+    assert!(result.rejected.iter().all(|row| !row.reason.is_empty()));
+    let reader = PgPool::connect(&url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_stats")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(rows, 15);
+    let connections: i64 = sqlx::query_scalar("SELECT count(*) FROM sora_connection")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(connections, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_postgres_retention_deletes_old_rows_and_counts_them() {
+    let url = fresh_database("retention").await;
+    let mut options = TimescaleOptions::new(&url);
+    options.settings.retention_days = 30;
+    let sink = TimescaleSink::connect(options).unwrap();
+    sink.migrate().await.unwrap();
+    let now_ms = kohaku_sink::OffsetDateTime::now_utc().unix_timestamp() as f64 * 1000.0;
+    let old = sample::report(sample::connection(10), now_ms - 40.0 * 86_400_000.0, 7);
+    let recent = sample::report(sample::connection(11), now_ms - 86_400_000.0, 4);
+    sink.write(&sample::batch([old, recent])).await.unwrap();
+    let deleted = sink.enforce_retention().await.unwrap();
+    assert_eq!(deleted, 7);
+    assert_eq!(sink.enforce_retention().await.unwrap(), 0);
+    let reader = PgPool::connect(&url).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_stats")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(left, 4);
+    let counters = sink.counters();
+    let value = |name: &str| counters.iter().find(|c| c.name == name).map(|c| c.value);
+    assert_eq!(value("retention_deleted_rows"), Some(7));
+    assert!(value("retention_runs").unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn errors_never_show_the_password() {
+    // Nothing listens on port 9: the connection is refused.
+    let mut options = TimescaleOptions::new("postgres://kohaku:hunter2@127.0.0.1:9/stats");
+    options.acquire_timeout = Duration::from_millis(500);
+    let sink = TimescaleSink::connect(options).unwrap();
+    assert_eq!(
+        sink.redacted_uri(),
+        "postgres://kohaku:***@127.0.0.1:9/stats"
+    );
+    let err = sink.health().await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(!err.detailed().contains("hunter2"));
+    let err = sink.migrate().await.unwrap_err();
+    assert!(err.is_transient());
+    assert!(!err.detailed().contains("hunter2"));
+    let err = TimescaleSink::connect(TimescaleOptions::new("mysql://kohaku:hunter2@h/db"))
+        .err()
+        .unwrap();
+    assert!(!err.detailed().contains("hunter2"), "{}", err.detailed());
+}
