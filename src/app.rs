@@ -59,7 +59,9 @@ impl App {
         )
         .await?;
 
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        metrics.register_sink_counters(&sinks);
+        let metrics = Arc::new(metrics);
         let sink_names = sinks
             .iter()
             .map(|sink| sink.name())

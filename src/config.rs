@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use kohaku_sink::redact_uri;
 use serde::{Deserialize, Serialize};
 
 /// Where a configuration came from, for error messages.
@@ -180,6 +181,83 @@ impl Default for PipelineConfig {
 pub struct SinksConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sqlite: Option<SqliteSinkConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timescaledb: Option<TimescaleSinkConfig>,
+}
+
+/// A database URI whose password never appears in printed config, logs or errors.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUri(String);
+
+impl SecretUri {
+    pub fn new(uri: impl Into<String>) -> Self {
+        Self(uri.into())
+    }
+
+    /// The real URI, for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn redacted(&self) -> String {
+        redact_uri(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl Serialize for SecretUri {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TimescaleSinkConfig {
+    /// `postgres://user:password@host:5432/database`; TimescaleDB or plain PostgreSQL.
+    pub uri: SecretUri,
+    /// Verify the database's TLS certificate against this CA (verify-full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_file: Option<PathBuf>,
+    #[serde(default = "TimescaleSinkConfig::default_max_connections")]
+    pub max_connections: u32,
+    /// Rows older than this are deleted (TimescaleDB: retention policy; PostgreSQL: by Kohaku
+    /// hourly). 0 keeps everything.
+    #[serde(default = "TimescaleSinkConfig::default_retention_days")]
+    pub retention_days: u32,
+    /// TimescaleDB only: compress chunks older than this; 0 turns compression off.
+    #[serde(default = "TimescaleSinkConfig::default_compress_after_days")]
+    pub compress_after_days: u32,
+    /// TimescaleDB only: the time span of one chunk, e.g. "1 day" or "6 hours".
+    #[serde(default = "TimescaleSinkConfig::default_chunk_interval")]
+    pub chunk_interval: String,
+    /// Seconds any statement may run before the server cancels it (and Kohaku retries).
+    #[serde(default = "TimescaleSinkConfig::default_statement_timeout_secs")]
+    pub statement_timeout_secs: u64,
+}
+
+impl TimescaleSinkConfig {
+    fn default_max_connections() -> u32 {
+        10
+    }
+    fn default_retention_days() -> u32 {
+        60
+    }
+    fn default_compress_after_days() -> u32 {
+        7
+    }
+    fn default_chunk_interval() -> String {
+        "1 day".to_owned()
+    }
+    fn default_statement_timeout_secs() -> u64 {
+        60
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -231,6 +309,7 @@ impl Config {
     pub fn effective_sinks(&self) -> SinksConfig {
         self.sinks.clone().unwrap_or_else(|| SinksConfig {
             sqlite: Some(SqliteSinkConfig::default()),
+            timescaledb: None,
         })
     }
 
@@ -379,6 +458,30 @@ impl Config {
                     return Err(invalid("sinks.sqlite.path", "must not be empty".into()));
                 }
             }
+            if let Some(timescaledb) = &sinks.timescaledb {
+                let uri = timescaledb.uri.expose();
+                if !(uri.starts_with("postgres://") || uri.starts_with("postgresql://")) {
+                    return Err(invalid(
+                        "sinks.timescaledb.uri",
+                        format!(
+                            "{} must start with postgres:// or postgresql://",
+                            timescaledb.uri.redacted()
+                        ),
+                    ));
+                }
+                if timescaledb.max_connections == 0 {
+                    return Err(invalid(
+                        "sinks.timescaledb.max_connections",
+                        "must be at least 1".into(),
+                    ));
+                }
+                if timescaledb.statement_timeout_secs == 0 {
+                    return Err(invalid(
+                        "sinks.timescaledb.statement_timeout_secs",
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -467,6 +570,58 @@ mod tests {
     }
 
     #[test]
+    fn timescaledb_sink_defaults_and_validation() {
+        let config = parse("[sinks.timescaledb]\nuri = 'postgres://k:pw@db/stats'\n").unwrap();
+        let sink = config.effective_sinks().timescaledb.unwrap();
+        assert_eq!(
+            (
+                sink.max_connections,
+                sink.retention_days,
+                sink.compress_after_days,
+                sink.chunk_interval.as_str()
+            ),
+            (10, 60, 7, "1 day")
+        );
+        assert!(
+            config.effective_sinks().sqlite.is_none(),
+            "an explicit [sinks] replaces the default"
+        );
+        for (text, key) in [
+            ("[sinks.timescaledb]\n", "missing field `uri`"),
+            (
+                "[sinks.timescaledb]\nuri = 'mysql://db'\n",
+                "sinks.timescaledb.uri",
+            ),
+            (
+                "[sinks.timescaledb]\nuri = 'postgres://db'\nretention = 3\n",
+                "unknown field `retention`",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let config = parse(
+            "[sinks.timescaledb]\nuri = 'postgres://kohaku:hunter2@db/stats?password=hunter2'\n",
+        )
+        .unwrap();
+        let printed = config.to_effective_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(
+            printed.contains("postgres://kohaku:***@db/stats?password=***"),
+            "{printed}"
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let err = parse("[sinks.timescaledb]\nuri = 'mysql://u:hunter2@db'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
     fn effective_toml_round_trips() {
         let config = parse("debug = true\n[sinks.sqlite]\npath = 'x.db'\n").unwrap();
         let printed = config.to_effective_toml();
@@ -501,6 +656,23 @@ mod tests {
         documented.server.https = false;
         documented.exporter.https = false;
         documented.log.dir = None;
+        // The example shows a commented-out [sinks.timescaledb] beside the default SQLite sink.
+        let timescaledb = documented
+            .sinks
+            .as_mut()
+            .and_then(|sinks| sinks.timescaledb.take());
+        let timescaledb = timescaledb.expect("config.example.toml documents [sinks.timescaledb]");
+        assert_eq!(
+            (
+                timescaledb.max_connections,
+                timescaledb.retention_days,
+                timescaledb.compress_after_days,
+                timescaledb.chunk_interval.as_str(),
+                timescaledb.statement_timeout_secs
+            ),
+            (10, 60, 7, "1 day", 60),
+            "config.example.toml shows a [sinks.timescaledb] value that is not the default"
+        );
         assert_eq!(
             documented, expected,
             "config.example.toml shows a value that is not the default"

@@ -61,6 +61,7 @@ fn main() -> ExitCode {
 fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let (config, _source) = Config::load(path)?;
     kohaku::server::tls::server_config(&config.server)?;
+    kohaku::sinks::check(&config.effective_sinks())?;
     print!("{}", config.to_effective_toml());
     Ok(ExitCode::SUCCESS)
 }

@@ -1,11 +1,18 @@
 //! Every metric Kohaku exports, registered in one place so names and help texts stay consistent.
 //! Counters are named without `_total`; the OpenMetrics encoder appends it.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kohaku_sink::StatsSink;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -186,6 +193,13 @@ impl Metrics {
         }
     }
 
+    /// Exports each sink's own counters ([`StatsSink::counters`]) as `kohaku_sink_<name>_total`.
+    pub fn register_sink_counters(&mut self, sinks: &[Arc<dyn StatsSink>]) {
+        self.registry.register_collector(Box::new(SinkCounters {
+            sinks: sinks.to_vec(),
+        }));
+    }
+
     /// The OpenMetrics text exposition, which Prometheus scrapes natively.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -199,5 +213,43 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Reads the sinks' own counters at scrape time.
+struct SinkCounters {
+    sinks: Vec<Arc<dyn StatsSink>>,
+}
+
+impl std::fmt::Debug for SinkCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.sinks.iter().map(|sink| sink.name()))
+            .finish()
+    }
+}
+
+impl Collector for SinkCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Series = (&'static str, Vec<(String, u64)>);
+        let mut by_name: BTreeMap<&'static str, Series> = BTreeMap::new();
+        for sink in &self.sinks {
+            for counter in sink.counters() {
+                by_name
+                    .entry(counter.name)
+                    .or_insert_with(|| (counter.help, Vec::new()))
+                    .1
+                    .push((sink.name().to_owned(), counter.value));
+            }
+        }
+        for (name, (help, values)) in by_name {
+            let name = format!("sink_{name}");
+            let mut family = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+            for (sink, value) in values {
+                let labels = SinkLabels { sink };
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -13,8 +13,8 @@ pub enum BuildError {
         sink: &'static str,
         feature: &'static str,
     },
-    #[error("cannot open sink `{sink}`: {}", source.detailed())]
-    Open {
+    #[error("[sinks.{sink}]: {}", source.detailed())]
+    Invalid {
         sink: &'static str,
         #[source]
         source: SinkError,
@@ -27,13 +27,33 @@ pub enum BuildError {
     },
 }
 
-/// Opens every configured sink; connections are made here, never during config validation.
+/// Checks every configured sink's settings without opening or contacting anything.
+pub fn check(config: &SinksConfig) -> Result<(), BuildError> {
+    if let Some(sqlite) = &config.sqlite {
+        check_sqlite(sqlite)?;
+    }
+    if let Some(timescaledb) = &config.timescaledb {
+        check_timescaledb(timescaledb)?;
+    }
+    Ok(())
+}
+
+/// Opens every configured sink. Network connections are made lazily, on first use.
 pub fn build(config: &SinksConfig) -> Result<Vec<Arc<dyn StatsSink>>, BuildError> {
+    check(config)?;
     let mut sinks: Vec<Arc<dyn StatsSink>> = Vec::new();
     if let Some(sqlite) = &config.sqlite {
         sinks.push(build_sqlite(sqlite)?);
     }
+    if let Some(timescaledb) = &config.timescaledb {
+        sinks.push(build_timescaledb(timescaledb)?);
+    }
     Ok(sinks)
+}
+
+#[cfg(feature = "sqlite")]
+fn check_sqlite(_config: &crate::config::SqliteSinkConfig) -> Result<(), BuildError> {
+    Ok(())
 }
 
 #[cfg(feature = "sqlite")]
@@ -42,12 +62,20 @@ fn build_sqlite(
 ) -> Result<Arc<dyn StatsSink>, BuildError> {
     let mut options = kohaku_sqlite::SqliteOptions::new(&config.path);
     options.busy_timeout = std::time::Duration::from_millis(config.busy_timeout_ms);
-    let sink = kohaku_sqlite::SqliteSink::open(&options).map_err(|source| BuildError::Open {
+    let sink = kohaku_sqlite::SqliteSink::open(&options).map_err(|source| BuildError::Invalid {
         sink: "sqlite",
         source,
     })?;
     tracing::info!(path = %config.path.display(), "sqlite sink opened");
     Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn check_sqlite(_config: &crate::config::SqliteSinkConfig) -> Result<(), BuildError> {
+    Err(BuildError::NotCompiled {
+        sink: "sqlite",
+        feature: "sqlite",
+    })
 }
 
 #[cfg(not(feature = "sqlite"))]
@@ -57,6 +85,64 @@ fn build_sqlite(
     Err(BuildError::NotCompiled {
         sink: "sqlite",
         feature: "sqlite",
+    })
+}
+
+#[cfg(feature = "timescaledb")]
+fn timescaledb_options(
+    config: &crate::config::TimescaleSinkConfig,
+) -> kohaku_timescaledb::TimescaleOptions {
+    let mut options = kohaku_timescaledb::TimescaleOptions::new(config.uri.expose());
+    options.ca_cert_file.clone_from(&config.ca_cert_file);
+    options.max_connections = config.max_connections;
+    options.statement_timeout = std::time::Duration::from_secs(config.statement_timeout_secs);
+    options.settings = kohaku_timescaledb::TimescaleSettings {
+        chunk_interval: config.chunk_interval.clone(),
+        compress_after_days: config.compress_after_days,
+        retention_days: config.retention_days,
+    };
+    options
+}
+
+#[cfg(feature = "timescaledb")]
+fn check_timescaledb(config: &crate::config::TimescaleSinkConfig) -> Result<(), BuildError> {
+    timescaledb_options(config)
+        .validate()
+        .map_err(|source| BuildError::Invalid {
+            sink: "timescaledb",
+            source,
+        })
+}
+
+#[cfg(feature = "timescaledb")]
+fn build_timescaledb(
+    config: &crate::config::TimescaleSinkConfig,
+) -> Result<Arc<dyn StatsSink>, BuildError> {
+    let sink = kohaku_timescaledb::TimescaleSink::connect(timescaledb_options(config)).map_err(
+        |source| BuildError::Invalid {
+            sink: "timescaledb",
+            source,
+        },
+    )?;
+    tracing::info!(database = sink.redacted_uri(), "timescaledb sink prepared");
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "timescaledb"))]
+fn check_timescaledb(_config: &crate::config::TimescaleSinkConfig) -> Result<(), BuildError> {
+    Err(BuildError::NotCompiled {
+        sink: "timescaledb",
+        feature: "timescaledb",
+    })
+}
+
+#[cfg(not(feature = "timescaledb"))]
+fn build_timescaledb(
+    _config: &crate::config::TimescaleSinkConfig,
+) -> Result<Arc<dyn StatsSink>, BuildError> {
+    Err(BuildError::NotCompiled {
+        sink: "timescaledb",
+        feature: "timescaledb",
     })
 }
 

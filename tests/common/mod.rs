@@ -407,3 +407,10 @@ pub async fn wait_for_metric(exporter: &H2, series: &str, at_least: f64, timeout
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Builds and migrates the sinks a config names, as `kohaku serve` does.
+pub async fn build_sinks(config: &Config) -> Vec<Arc<dyn StatsSink>> {
+    let sinks = kohaku::sinks::build(&config.effective_sinks()).expect("sinks build");
+    kohaku::sinks::migrate(&sinks).await.expect("sinks migrate");
+    sinks
+}

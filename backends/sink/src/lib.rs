@@ -14,8 +14,11 @@ use async_trait::async_trait;
 pub use serde_json::value::RawValue;
 pub use time::OffsetDateTime;
 
+mod redact;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+pub use redact::redact_uri;
 
 /// How every backend and log line spells a point in time: ISO-8601 UTC with microseconds, e.g.
 /// `2025-07-25T06:06:51.592776Z`. Fixed width, so text comparison orders it as time.

@@ -5,9 +5,8 @@
 //! than the retention itself. Writes stream the batch with `COPY` into a per-session staging table
 //! and move it with one `INSERT … SELECT … ON CONFLICT DO NOTHING`, which keeps them idempotent.
 
-mod redact;
 pub mod schema;
-#[cfg(feature = "testkit")]
+/// Test support (the throwaway cluster of `scripts/test`); no cost unless called.
 pub mod testkit;
 
 use std::borrow::Cow;
@@ -20,14 +19,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kohaku_sink::{
-    format_timestamp, Connection, RejectedRow, Report, SinkCounter, SinkError, StatsBatch,
-    StatsObject, StatsSink, WriteReport,
+    format_timestamp, redact_uri, Connection, RejectedRow, Report, SinkCounter, SinkError,
+    StatsBatch, StatsObject, StatsSink, WriteReport,
 };
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Postgres, QueryBuilder, Row};
 use tokio::task::JoinHandle;
 
-pub use redact::redact_uri;
 pub use schema::{Flavor, TimescaleSettings};
 
 /// Rows deleted per statement by Kohaku's own retention, so a sweep never holds long locks.
@@ -114,6 +112,40 @@ impl TimescaleOptions {
     }
 }
 
+impl TimescaleOptions {
+    /// Checks what can be checked without contacting the database (for `check-config`).
+    pub fn validate(&self) -> Result<(), SinkError> {
+        let invalid = |message: String| SinkError::Permanent {
+            message,
+            source: None,
+        };
+        if !(self.uri.starts_with("postgres://") || self.uri.starts_with("postgresql://")) {
+            return Err(invalid(format!(
+                "uri {} must start with postgres:// or postgresql://",
+                redact_uri(&self.uri)
+            )));
+        }
+        PgConnectOptions::from_str(&self.uri).map_err(|err| {
+            invalid(format!(
+                "invalid uri {}: {}",
+                redact_uri(&self.uri),
+                redact_uri(&err.to_string())
+            ))
+        })?;
+        if !schema::valid_interval(&self.settings.chunk_interval) {
+            return Err(invalid(format!(
+                "chunk_interval {:?} is not of the form \"N minutes|hours|days|weeks\"",
+                self.settings.chunk_interval
+            )));
+        }
+        if let Some(ca) = &self.ca_cert_file {
+            std::fs::metadata(ca)
+                .map_err(|err| invalid(format!("ca_cert_file {}: {err}", ca.display())))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     retention_runs: AtomicU64,
@@ -133,26 +165,8 @@ impl TimescaleSink {
     /// Prepares a connection pool. Nothing is contacted until the first use, so a database that
     /// is down at this moment is reported by `migrate` or `health`, not here.
     pub fn connect(options: TimescaleOptions) -> Result<Self, SinkError> {
+        options.validate()?;
         let redacted_uri = redact_uri(&options.uri);
-        if !(options.uri.starts_with("postgres://") || options.uri.starts_with("postgresql://")) {
-            return Err(SinkError::Permanent {
-                message: format!(
-                    "timescaledb: uri {redacted_uri} must start with postgres:// or postgresql://"
-                ),
-                source: None,
-            });
-        }
-        if options.settings.chunk_interval.is_empty()
-            || !schema::valid_interval(&options.settings.chunk_interval)
-        {
-            return Err(SinkError::Permanent {
-                message: format!(
-                    "timescaledb: chunk_interval {:?} is not of the form `N minutes|hours|days|weeks`",
-                    options.settings.chunk_interval
-                ),
-                source: None,
-            });
-        }
         let mut connect = PgConnectOptions::from_str(&options.uri)
             .map_err(|err| SinkError::Permanent {
                 message: format!(

@@ -64,3 +64,48 @@ pub fn stop_server() {
 pub fn start_server() {
     cluster("start");
 }
+
+/// `SELECT count(*)`-style query returning one bigint.
+pub async fn count(url: &str, sql: &'static str) -> i64 {
+    let pool = PgPool::connect(url)
+        .await
+        .expect("connect to the test database");
+    let value = sqlx::query_scalar(sql)
+        .fetch_one(&pool)
+        .await
+        .expect("count query");
+    pool.close().await;
+    value
+}
+
+/// One stored stats row, as tests compare it.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub connection_id: String,
+    pub rtc_id: String,
+    pub rtc_type: String,
+    pub rtc_timestamp: f64,
+    /// `rtc_data::text`: the jsonb value, normalised by PostgreSQL.
+    pub rtc_data: String,
+}
+
+pub async fn stored_rows(url: &str) -> Vec<StoredRow> {
+    use sqlx::Row;
+    let pool = PgPool::connect(url)
+        .await
+        .expect("connect to the test database");
+    let rows = sqlx::query("SELECT connection_id, rtc_id, rtc_type, rtc_timestamp, rtc_data::text AS rtc_data FROM rtc_stats")
+        .fetch_all(&pool)
+        .await
+        .expect("read rtc_stats");
+    pool.close().await;
+    rows.iter()
+        .map(|row| StoredRow {
+            connection_id: row.get("connection_id"),
+            rtc_id: row.get("rtc_id"),
+            rtc_type: row.get("rtc_type"),
+            rtc_timestamp: row.get("rtc_timestamp"),
+            rtc_data: row.get("rtc_data"),
+        })
+        .collect()
+}

@@ -1,5 +1,6 @@
-/// `postgres://user:secret@host/db?password=x` → `postgres://user:***@host/db?password=***`, for
-/// every log line, error and printed config. Text that is not a URI is returned unchanged except
+/// Hides credentials in a database URI: `postgres://user:secret@host/db?password=x` →
+/// `postgres://user:***@host/db?password=***`. Every backend uses it for log lines, errors and
+/// printed config. Text that is not a URI is returned unchanged except
 /// for `password=` values.
 pub fn redact_uri(uri: &str) -> String {
     let mut redacted = match uri.split_once("://") {

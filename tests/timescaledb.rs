@@ -1,0 +1,167 @@
+//! End to end into a real PostgreSQL (the throwaway cluster of scripts/test).
+#![cfg(feature = "timescaledb")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use kohaku::config::{SecretUri, SinksConfig, SqliteSinkConfig, TimescaleSinkConfig};
+use kohaku_timescaledb::testkit;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn timescaledb_config(url: &str) -> TimescaleSinkConfig {
+    TimescaleSinkConfig {
+        uri: SecretUri::new(url),
+        ca_cert_file: None,
+        max_connections: 4,
+        // The fixtures are dated 2025: a 60-day retention would sweep them away.
+        retention_days: 0,
+        compress_after_days: 7,
+        chunk_interval: "1 day".into(),
+        statement_timeout_secs: 30,
+    }
+}
+
+async fn wait_for_pg_rows(url: &str, rows: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let count = testkit::count(url, "SELECT count(*) FROM rtc_stats").await;
+        if count >= rows || tokio::time::Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_reach_postgres_and_sqlite_with_equal_json() {
+    let url = testkit::fresh_database("e2e").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.sinks = Some(SinksConfig {
+        sqlite: Some(SqliteSinkConfig {
+            path: dir.path().join("fanout.db"),
+            ..SqliteSinkConfig::default()
+        }),
+        timescaledb: Some(timescaledb_config(&url)),
+    });
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+
+    let mut sent: HashMap<(String, String, u64), (String, Value)> = HashMap::new();
+    for file in [
+        "chromium/rtc_stats.chromium-av.jsonl",
+        "sora-logs/rtc_stats.sample.jsonl",
+    ] {
+        for report in fixture_reports(file) {
+            assert_eq!(
+                client.post_report(report.body.clone()).await.status,
+                StatusCode::NO_CONTENT
+            );
+            for object in &report.objects {
+                let key = (
+                    report.connection_id.clone(),
+                    object.rtc_id.clone(),
+                    object.rtc_timestamp.to_bits(),
+                );
+                sent.insert(
+                    key,
+                    (
+                        object.rtc_type.clone(),
+                        serde_json::from_str(&object.text).unwrap(),
+                    ),
+                );
+            }
+        }
+    }
+    let distinct = sent.len() as i64;
+    assert_eq!(wait_for_pg_rows(&url, distinct).await, distinct);
+    assert_eq!(
+        wait_for_sqlite_rows(&dir.path().join("fanout.db"), distinct, WAIT).await,
+        distinct
+    );
+
+    for row in testkit::stored_rows(&url).await {
+        let key = (
+            row.connection_id.clone(),
+            row.rtc_id.clone(),
+            row.rtc_timestamp.to_bits(),
+        );
+        let (rtc_type, json) = sent
+            .get(&key)
+            .unwrap_or_else(|| panic!("unexpected row {key:?}"));
+        assert_eq!(&row.rtc_type, rtc_type);
+        let stored: Value = serde_json::from_str(&row.rtc_data).unwrap();
+        assert_eq!(&stored, json, "jsonb of {key:?} differs from what was sent");
+    }
+    let connections = testkit::count(&url, "SELECT count(*) FROM sora_connection").await;
+    assert_eq!(connections, 5, "2 Chromium + 3 Sora connections");
+    // The typed views read the stored rows.
+    let inbound = testkit::count(
+        &url,
+        "SELECT count(*) FROM rtc_inbound_rtp WHERE bytes_received >= 0",
+    )
+    .await;
+    assert_eq!(inbound, 24 + 66);
+
+    let exporter = H2::connect(app.exporter_addr()).await;
+    let metrics = exporter.get("/metrics").await.text();
+    for sink in ["sqlite", "timescaledb"] {
+        let written = metric(
+            &metrics,
+            &format!("kohaku_sink_rows_written_total{{sink=\"{sink}\"}}"),
+        );
+        assert_eq!(written, Some(distinct as f64), "{sink}");
+    }
+    assert!(
+        metric(
+            &metrics,
+            "kohaku_sink_retention_runs_total{sink=\"timescaledb\"}"
+        )
+        .is_some(),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_reports_twice_are_stored_once() {
+    let url = testkit::fresh_database("dedupe").await;
+    let mut config = test_config();
+    config.sinks = Some(SinksConfig {
+        sqlite: None,
+        timescaledb: Some(timescaledb_config(&url)),
+    });
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let reports: Vec<String> = (0..10)
+        .map(|seed| small_report(seed, 6).to_string())
+        .collect();
+    for _ in 0..2 {
+        for body in &reports {
+            assert_eq!(
+                client.post_report(body.clone()).await.status,
+                StatusCode::NO_CONTENT
+            );
+        }
+    }
+    let exporter = H2::connect(app.exporter_addr()).await;
+    let duplicates = wait_for_metric(
+        &exporter,
+        "kohaku_sink_rows_duplicate_total{sink=\"timescaledb\"}",
+        60.0,
+        WAIT,
+    )
+    .await;
+    assert_eq!(duplicates, 60.0);
+    assert_eq!(
+        testkit::count(&url, "SELECT count(*) FROM rtc_stats").await,
+        60
+    );
+    app.shutdown().await;
+}

@@ -1,0 +1,111 @@
+//! PostgreSQL stopped mid-stream and started again. This binary stops the shared test cluster, so
+//! it holds this one test only (cargo runs test binaries one after another).
+#![cfg(feature = "timescaledb")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use kohaku::config::{SecretUri, SinksConfig, TimescaleSinkConfig};
+use kohaku_timescaledb::testkit;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_nothing_acknowledged() {
+    let url = testkit::fresh_database("outage").await;
+    let mut config = test_config();
+    config.pipeline.retry_max_backoff_ms = 200;
+    config.sinks = Some(SinksConfig {
+        sqlite: None,
+        timescaledb: Some(TimescaleSinkConfig {
+            uri: SecretUri::new(&url),
+            ca_cert_file: None,
+            max_connections: 4,
+            retention_days: 0,
+            compress_after_days: 0,
+            chunk_interval: "1 day".into(),
+            statement_timeout_secs: 5,
+        }),
+    });
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let exporter = H2::connect(app.exporter_addr()).await;
+
+    let objects_per_report = 8;
+    let mut acknowledged = 0i64;
+    let mut seed = 0u64;
+    let mut send = |count: usize| {
+        let client = client.clone();
+        let first = seed;
+        seed += count as u64;
+        async move {
+            let mut accepted = 0i64;
+            for s in first..first + count as u64 {
+                let answer = client
+                    .post_report(small_report(s, objects_per_report).to_string())
+                    .await;
+                match answer.status {
+                    StatusCode::NO_CONTENT => accepted += objects_per_report as i64,
+                    StatusCode::SERVICE_UNAVAILABLE => {}
+                    other => panic!("unexpected {other}: {}", answer.text()),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            accepted
+        }
+    };
+
+    acknowledged += send(50).await;
+    testkit::stop_server();
+    acknowledged += send(100).await;
+
+    // While it is down, health names the sink and retries are counted.
+    let health = exporter.get("/health").await;
+    assert_eq!(
+        health.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        health.text()
+    );
+    assert_eq!(health.json()["failing"], serde_json::json!(["timescaledb"]));
+    assert!(
+        wait_for_metric(
+            &exporter,
+            "kohaku_sink_retries_total{sink=\"timescaledb\"}",
+            1.0,
+            Duration::from_secs(10)
+        )
+        .await
+            >= 1.0
+    );
+
+    testkit::start_server();
+    acknowledged += send(50).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut stored = 0;
+    while tokio::time::Instant::now() < deadline {
+        stored = testkit::count(&url, "SELECT count(*) FROM rtc_stats").await;
+        if stored >= acknowledged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stored, acknowledged,
+        "every acknowledged object is stored exactly once"
+    );
+    assert_eq!(
+        testkit::count(&url, "SELECT count(*) FROM (SELECT DISTINCT connection_id, rtc_id, rtc_timestamp FROM rtc_stats) d").await,
+        acknowledged
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while exporter.get("/health").await.status != StatusCode::OK {
+        assert!(tokio::time::Instant::now() < deadline, "health recovers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("outage: acknowledged {acknowledged} objects, stored {stored}");
+    let summary = app.shutdown().await;
+    assert_eq!(summary.dropped_rows, 0);
+}
