@@ -8,24 +8,11 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use kohaku::config::{SecretUri, SinksConfig, SqliteSinkConfig, TimescaleSinkConfig};
+use kohaku::config::{SinksConfig, SqliteSinkConfig};
 use kohaku_timescaledb::testkit;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn timescaledb_config(url: &str) -> TimescaleSinkConfig {
-    TimescaleSinkConfig {
-        uri: SecretUri::new(url),
-        ca_cert_file: None,
-        max_connections: 4,
-        // The fixtures are dated 2025: a 60-day retention would sweep them away.
-        retention_days: 0,
-        compress_after_days: 7,
-        chunk_interval: "1 day".into(),
-        statement_timeout_secs: 30,
-    }
-}
 
 async fn wait_for_pg_rows(url: &str, rows: i64) -> i64 {
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use kohaku::config::{SecretUri, SinksConfig, TimescaleSinkConfig};
+use kohaku::config::{SinksConfig, TimescaleSinkConfig};
 use kohaku_timescaledb::testkit;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,13 +19,9 @@ async fn a_database_outage_loses_nothing_acknowledged() {
     config.sinks = Some(SinksConfig {
         sqlite: None,
         timescaledb: Some(TimescaleSinkConfig {
-            uri: SecretUri::new(&url),
-            ca_cert_file: None,
-            max_connections: 4,
-            retention_days: 0,
             compress_after_days: 0,
-            chunk_interval: "1 day".into(),
             statement_timeout_secs: 5,
+            ..timescaledb_config(&url)
         }),
     });
     let app = start(&config, build_sinks(&config).await).await;

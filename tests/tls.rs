@@ -136,37 +136,22 @@ async fn mtls_accepts_only_clients_of_the_configured_ca() {
     let sink = ControlledSink::new("memory");
     let app = start(&config, vec![sink.clone() as Arc<dyn StatsSink>]).await;
 
-    // No client certificate: refused during the handshake (TLS 1.3 reports it on first use).
-    let refused = match H2::connect_tls(app.ingest_addr(), client_config(&server_ca, None)).await {
-        Err(_) => true,
-        Ok(client) => {
-            let request = client
-                .request(http::Method::GET, "/.ok")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap();
-            client.send(request).await.is_err()
-        }
-    };
-    assert!(refused, "a client without a certificate must be refused");
+    // No client certificate: refused.
+    assert!(
+        is_refused(app.ingest_addr(), client_config(&server_ca, None)).await,
+        "a client without a certificate must be refused"
+    );
 
     // A certificate from another CA: refused.
     let (other_pem, other_key) = other_ca.issue("intruder");
-    let refused = match H2::connect_tls(
-        app.ingest_addr(),
-        client_config(&server_ca, Some((&other_pem, &other_key))),
-    )
-    .await
-    {
-        Err(_) => true,
-        Ok(client) => {
-            let request = client
-                .request(http::Method::GET, "/.ok")
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .unwrap();
-            client.send(request).await.is_err()
-        }
-    };
-    assert!(refused, "a certificate of another CA must be refused");
+    assert!(
+        is_refused(
+            app.ingest_addr(),
+            client_config(&server_ca, Some((&other_pem, &other_key)))
+        )
+        .await,
+        "a certificate of another CA must be refused"
+    );
     assert_eq!(sink.write_calls(), 0);
 
     // Sora's certificate: accepted, and the report is stored.
@@ -181,6 +166,21 @@ async fn mtls_accepts_only_clients_of_the_configured_ca() {
     assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
     assert!(sink.wait_for_rows(4, Duration::from_secs(10)).await);
     app.shutdown().await;
+}
+
+/// Whether the server refuses this client: during the handshake, or (TLS 1.3 reports a refused
+/// client certificate after it) on the first request.
+async fn is_refused(addr: std::net::SocketAddr, config: Arc<rustls::ClientConfig>) -> bool {
+    match H2::connect_tls(addr, config).await {
+        Err(_) => true,
+        Ok(client) => {
+            let request = client
+                .request(http::Method::GET, "/.ok")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            client.send(request).await.is_err()
+        }
+    }
 }
 
 #[tokio::test]

@@ -535,13 +535,7 @@ impl SinkWorker {
                 Err(err) if err.is_transient() => {
                     let delay = self.backoff.delay(attempt);
                     attempt = attempt.saturating_add(1);
-                    self.metrics
-                        .sink_errors
-                        .get_or_create(&crate::metrics::SinkErrorLabels {
-                            sink: self.name().to_owned(),
-                            kind: "transient",
-                        })
-                        .inc();
+                    self.count_error("transient");
                     self.metrics.sink_retries.get_or_create(&labels).inc();
                     self.metrics.sink_up.get_or_create(&labels).set(0);
                     self.state.failing.store(true, Ordering::Relaxed);
@@ -560,17 +554,21 @@ impl SinkWorker {
                     }
                 }
                 Err(err) => {
-                    self.metrics
-                        .sink_errors
-                        .get_or_create(&crate::metrics::SinkErrorLabels {
-                            sink: self.name().to_owned(),
-                            kind: "permanent",
-                        })
-                        .inc();
+                    self.count_error("permanent");
                     return Attempt::Permanent(err);
                 }
             }
         }
+    }
+
+    fn count_error(&self, kind: &'static str) {
+        self.metrics
+            .sink_errors
+            .get_or_create(&crate::metrics::SinkErrorLabels {
+                sink: self.name().to_owned(),
+                kind,
+            })
+            .inc();
     }
 
     fn abandon(&self, batch: &StatsBatch) {

@@ -414,3 +414,18 @@ pub async fn build_sinks(config: &Config) -> Vec<Arc<dyn StatsSink>> {
     kohaku::sinks::migrate(&sinks).await.expect("sinks migrate");
     sinks
 }
+
+/// A `[sinks.timescaledb]` for a test database. The fixtures are dated 2025: retention is off so
+/// that no sweep deletes them.
+#[cfg(feature = "timescaledb")]
+pub fn timescaledb_config(url: &str) -> kohaku::config::TimescaleSinkConfig {
+    kohaku::config::TimescaleSinkConfig {
+        uri: kohaku::config::SecretUri::new(url),
+        ca_cert_file: None,
+        max_connections: 4,
+        retention_days: 0,
+        compress_after_days: 7,
+        chunk_interval: "1 day".into(),
+        statement_timeout_secs: 30,
+    }
+}

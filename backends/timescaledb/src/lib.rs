@@ -115,6 +115,11 @@ impl TimescaleOptions {
 impl TimescaleOptions {
     /// Checks what can be checked without contacting the database (for `check-config`).
     pub fn validate(&self) -> Result<(), SinkError> {
+        self.connect_options().map(|_| ())
+    }
+
+    /// The driver's options, after every check that needs no database.
+    fn connect_options(&self) -> Result<PgConnectOptions, SinkError> {
         let invalid = |message: String| SinkError::Permanent {
             message,
             source: None,
@@ -125,7 +130,7 @@ impl TimescaleOptions {
                 redact_uri(&self.uri)
             )));
         }
-        PgConnectOptions::from_str(&self.uri).map_err(|err| {
+        let mut connect = PgConnectOptions::from_str(&self.uri).map_err(|err| {
             invalid(format!(
                 "invalid uri {}: {}",
                 redact_uri(&self.uri),
@@ -141,8 +146,19 @@ impl TimescaleOptions {
         if let Some(ca) = &self.ca_cert_file {
             std::fs::metadata(ca)
                 .map_err(|err| invalid(format!("ca_cert_file {}: {err}", ca.display())))?;
+            connect = connect.ssl_mode(PgSslMode::VerifyFull).ssl_root_cert(ca);
         }
-        Ok(())
+        Ok(connect
+            .application_name("kohaku")
+            // Quiet the "relation already exists" notice of the staging table, once per batch.
+            .options([
+                ("client_min_messages", "warning".to_owned()),
+                (
+                    "statement_timeout",
+                    format!("{}ms", self.statement_timeout.as_millis()),
+                ),
+            ])
+            .disable_statement_logging())
     }
 }
 
@@ -165,29 +181,8 @@ impl TimescaleSink {
     /// Prepares a connection pool. Nothing is contacted until the first use, so a database that
     /// is down at this moment is reported by `migrate` or `health`, not here.
     pub fn connect(options: TimescaleOptions) -> Result<Self, SinkError> {
-        options.validate()?;
+        let connect = options.connect_options()?;
         let redacted_uri = redact_uri(&options.uri);
-        let mut connect = PgConnectOptions::from_str(&options.uri)
-            .map_err(|err| SinkError::Permanent {
-                message: format!(
-                    "timescaledb: invalid uri {redacted_uri}: {}",
-                    redact_uri(&err.to_string())
-                ),
-                source: None,
-            })?
-            .application_name("kohaku")
-            // Quiet the "relation already exists" notice of the staging table, once per batch.
-            .options([
-                ("client_min_messages", "warning".to_owned()),
-                (
-                    "statement_timeout",
-                    format!("{}ms", options.statement_timeout.as_millis()),
-                ),
-            ])
-            .disable_statement_logging();
-        if let Some(ca) = &options.ca_cert_file {
-            connect = connect.ssl_mode(PgSslMode::VerifyFull).ssl_root_cert(ca);
-        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .min_connections(0)
@@ -213,19 +208,26 @@ impl TimescaleSink {
         &self.redacted_uri
     }
 
-    /// Applies the numbered migrations up to `target` (all of them in `migrate`). For upgrade
-    /// tests and for operators who stage upgrades.
-    pub async fn migrate_to(&self, target: i32) -> Result<i32, SinkError> {
+    /// A transaction holding Kohaku's migration lock, so that instances starting together change
+    /// the schema one after another.
+    async fn begin_schema_change(&self) -> Result<sqlx::Transaction<'static, Postgres>, SinkError> {
         let mut tx = self
             .pool
             .begin()
             .await
-            .map_err(classify("timescaledb: cannot begin migration"))?;
+            .map_err(classify("timescaledb: cannot begin a schema change"))?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK_KEY)
             .execute(&mut *tx)
             .await
             .map_err(classify("timescaledb: cannot take the migration lock"))?;
+        Ok(tx)
+    }
+
+    /// Applies the numbered migrations up to `target` (all of them in `migrate`). For upgrade
+    /// tests and for operators who stage upgrades.
+    pub async fn migrate_to(&self, target: i32) -> Result<i32, SinkError> {
+        let mut tx = self.begin_schema_change().await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS kohaku_schema_migrations (version integer PRIMARY KEY, \
              name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
@@ -301,16 +303,7 @@ impl TimescaleSink {
     }
 
     async fn apply_timescaledb(&self) -> Result<(), SinkError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(classify("timescaledb: cannot begin"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MIGRATION_LOCK_KEY)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify("timescaledb: cannot take the migration lock"))?;
+        let mut tx = self.begin_schema_change().await?;
         for (name, sql) in schema::timescaledb_statements(&self.options.settings) {
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                 .execute(&mut *tx)
@@ -333,6 +326,17 @@ impl TimescaleSink {
             &self.counters,
         )
         .await
+    }
+
+    fn stop_retention_task(&self) {
+        if let Some(task) = self
+            .retention_task
+            .lock()
+            .ok()
+            .and_then(|mut task| task.take())
+        {
+            task.abort();
+        }
     }
 
     fn start_retention_task(&self) {
@@ -825,11 +829,7 @@ impl StatsSink for TimescaleSink {
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        if let Ok(mut task) = self.retention_task.lock() {
-            if let Some(task) = task.take() {
-                task.abort();
-            }
-        }
+        self.stop_retention_task();
         self.pool.close().await;
         Ok(())
     }
@@ -852,11 +852,7 @@ impl StatsSink for TimescaleSink {
 
 impl Drop for TimescaleSink {
     fn drop(&mut self) {
-        if let Ok(mut task) = self.retention_task.lock() {
-            if let Some(task) = task.take() {
-                task.abort();
-            }
-        }
+        self.stop_retention_task();
     }
 }
 
