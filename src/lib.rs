@@ -7,6 +7,7 @@
 pub mod app;
 pub mod config;
 pub mod exporter;
+pub mod import;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

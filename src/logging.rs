@@ -78,6 +78,30 @@ pub fn init(config: &LogConfig, debug: bool) -> Result<LogGuard, LogError> {
     Ok(LogGuard { _writers: writers })
 }
 
+/// Human-readable log lines for interactive commands (`kohaku import`): warnings and errors only
+/// unless `debug`, written through `writer` so they do not tear a progress bar. `RUST_LOG`
+/// overrides the level.
+pub fn init_console<W>(debug: bool, writer: W) -> Result<(), LogError>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let default_level = if debug {
+        "debug,h2=info,hyper=info"
+    } else {
+        "warn"
+    };
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_timer(UtcTime::rfc_3339())
+        .with_ansi(false)
+        .try_init()
+        .map_err(|err| LogError::Install(err.to_string()))
+}
+
 fn json_layer<S, W>(writer: W) -> impl Layer<S> + Send + Sync
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,

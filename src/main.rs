@@ -20,6 +20,10 @@ enum Command {
     Serve(ConfigArg),
     /// Create or upgrade the sinks' schemas, then exit.
     Migrate(ConfigArg),
+    /// Load Sora's rtc_stats.jsonl log files (plain or gzip; `-` reads stdin) into the configured
+    /// sinks, creating or upgrading their schemas first. Importing a file twice stores it once.
+    /// Exit status 0 when every stats line was stored, 1 otherwise (bad lines, refused rows).
+    Import(ImportArgs),
     /// Validate the config (TLS files included, no database contacted) and print the effective
     /// settings; exit 1 with the reason when invalid.
     CheckConfig(ConfigArg),
@@ -32,8 +36,23 @@ struct ConfigArg {
     config: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Stop at the first bad line or unreadable input; what was read before it is still stored.
+    /// Without it, bad lines are reported with their line number and skipped.
+    #[arg(long)]
+    strict: bool,
+    /// Log files (`rtc_stats.jsonl`, optionally gzip-compressed); `-` for standard input.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The importer logs to stderr, where the error is printed anyway.
+    let logs_on_stderr = matches!(cli.command, Command::Import(_));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -45,13 +64,16 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(arg) => serve(arg.config.as_deref()).await,
             Command::Migrate(arg) => migrate(arg.config.as_deref()).await,
+            Command::Import(args) => import(args).await,
             Command::CheckConfig(arg) => check_config(arg.config.as_deref()),
         }
     });
     match result {
         Ok(code) => code,
         Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "kohaku stopped");
+            if !logs_on_stderr {
+                tracing::error!(error = format!("{err:#}"), "kohaku stopped");
+            }
             eprintln!("kohaku: {err:#}");
             ExitCode::FAILURE
         }
@@ -75,6 +97,57 @@ async fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
         let _ = sink.close().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use kohaku::import::{Console, ImportOptions, Input, Inputs};
+
+    let (config, _source) = Config::load(args.config.config.as_deref())?;
+    let console = Console::detect();
+    kohaku::logging::init_console(config.debug, console.clone())?;
+    let inputs: Vec<Input> = args.files.into_iter().map(Input::from_arg).collect();
+    let inputs = Inputs::open(&inputs)?;
+    let sinks = kohaku::sinks::build(&config.effective_sinks())?;
+    kohaku::sinks::migrate(&sinks).await?;
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    let on_signal = Arc::clone(&cancel);
+    let signal_console = console.clone();
+    tokio::spawn(async move {
+        if let Ok(signal) = wait_for_signal().await {
+            signal_console.println(&format!(
+                "kohaku import: {signal}: stopping after the current line and storing what was read (again to exit at once)"
+            ));
+            on_signal.store(true, Ordering::Relaxed);
+        }
+        if wait_for_signal().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+
+    let options = ImportOptions {
+        strict: args.strict,
+    };
+    let summary = kohaku::import::run(
+        inputs,
+        sinks,
+        (&config.pipeline).into(),
+        options,
+        console,
+        Arc::clone(&cancel),
+    )
+    .await?;
+    print!("{}", summary.render());
+    Ok(if cancel.load(Ordering::Relaxed) {
+        ExitCode::from(130)
+    } else if summary.complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {

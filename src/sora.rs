@@ -134,42 +134,27 @@ pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, 
             format!("unexpected event type `{event_type}`; expected `{CONNECTION_USER_AGENT}`"),
         ));
     }
-    let timestamp = required(parsed.timestamp, "timestamp")?;
-    let sora_timestamp = OffsetDateTime::parse(&timestamp, &Rfc3339)
-        .map_err(|err| {
-            InvalidReport::new(
-                "timestamp",
-                format!("`{timestamp}` is not an RFC 3339 time such as 2025-07-25T06:06:51.592776Z: {err}"),
-            )
-        })?
-        .to_offset(time::UtcOffset::UTC);
-
-    let role = required(parsed.role, "role")?;
-    if !ROLES.contains(&role.as_ref()) {
-        return Err(InvalidReport::new(
-            "role",
-            format!("unexpected role `{role}`; expected one of sendrecv, sendonly, recvonly"),
-        ));
-    }
-    let connection = Connection {
-        channel_id: name(parsed.channel_id, "channel_id")?,
-        session_id: sora_id(parsed.session_id, "session_id")?,
-        client_id: name(parsed.client_id, "client_id")?,
-        connection_id: sora_id(parsed.connection_id, "connection_id")?,
-        bundle_id: parsed.bundle_id.map(Cow::into_owned),
-        label: required(parsed.label, "label")?.into_owned(),
-        version: required(parsed.version, "version")?.into_owned(),
-        node_name: required(parsed.node_name, "node_name")?.into_owned(),
-        role: role.into_owned(),
+    let (connection, sora_timestamp) = ConnectionFields {
+        timestamp: parsed.timestamp,
+        label: parsed.label,
+        version: parsed.version,
+        node_name: parsed.node_name,
         multistream: parsed.multistream,
-        simulcast: required(parsed.simulcast, "simulcast")?,
-        spotlight: required(parsed.spotlight, "spotlight")?,
-    };
+        simulcast: parsed.simulcast,
+        spotlight: parsed.spotlight,
+        role: parsed.role,
+        channel_id: parsed.channel_id,
+        session_id: parsed.session_id,
+        client_id: parsed.client_id,
+        connection_id: parsed.connection_id,
+        bundle_id: parsed.bundle_id,
+    }
+    .validate()?;
 
     let raw_objects = required(parsed.stats, "stats")?;
     let mut stats = Vec::with_capacity(raw_objects.len());
     for (index, raw) in raw_objects.into_iter().enumerate() {
-        stats.push(parse_object(index, raw)?);
+        stats.push(parse_object(ObjectAt::Stats(index), raw)?);
     }
 
     Ok(Report {
@@ -180,8 +165,242 @@ pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, 
     })
 }
 
-fn parse_object(index: usize, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
-    let field = |name: &str| format!("stats[{index}]{name}");
+/// The `type` of the log lines that carry one stats object each (PROTOCOL.md §2).
+pub const LOG_STATS_TYPE: &str = "connection.rtc";
+
+/// One line of a Sora log file.
+#[derive(Debug)]
+// Returned once per line and consumed at once; boxing would add an allocation per line for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum LogLine {
+    Stats(LogStats),
+    /// A line of another kind (a webhook event, …), named by its `type` or `req.type`.
+    Other {
+        kind: String,
+    },
+}
+
+/// A `connection.rtc` line: one stats object and the connection it belongs to.
+#[derive(Debug)]
+pub struct LogStats {
+    pub connection: Connection,
+    /// The `timestamp` of the exporter report the object came in; lines of one report share it.
+    pub sora_timestamp: OffsetDateTime,
+    pub object: StatsObject,
+}
+
+/// Repeats `Body`'s connection fields: sharing them through `#[serde(flatten)]` would buffer the
+/// line into serde's intermediate form, which neither borrows strings nor can hold a `RawValue`.
+#[derive(Deserialize)]
+struct LogLineBody<'a> {
+    #[serde(borrow, rename = "type")]
+    line_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    req: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    label: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    node_name: Option<Cow<'a, str>>,
+    multistream: Option<bool>,
+    simulcast: Option<bool>,
+    spotlight: Option<bool>,
+    #[serde(borrow)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    client_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    connection_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    bundle_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    rtc_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    rtc_type: Option<Cow<'a, str>>,
+    rtc_timestamp: Option<f64>,
+    #[serde(borrow)]
+    rtc_data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+}
+
+/// Parses one line of a Sora log file (without its newline). Errors name the field as a path into
+/// the line, like [`parse_report`]'s.
+pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
+    if line
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|first| *first != b'{')
+    {
+        return Err(InvalidReport::new(
+            "line",
+            "invalid JSON: a log line must be one JSON object",
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(line);
+    let parsed: LogLineBody<'_> =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let field = err.path().to_string();
+            let field = if field == "." || field == "?" {
+                "line".to_owned()
+            } else {
+                field
+            };
+            InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
+        })?;
+    deserializer
+        .end()
+        .map_err(|err| InvalidReport::new("line", format!("invalid JSON: {err}")))?;
+
+    let line_type = match parsed.line_type {
+        Some(line_type) => line_type,
+        // Sora's webhook log names its event inside `req`.
+        None => match parsed
+            .req
+            .and_then(|req| serde_json::from_str::<TypeOnly<'_>>(req.get()).ok())
+            .and_then(|req| req.kind)
+        {
+            Some(kind) => {
+                return Ok(LogLine::Other {
+                    kind: kind.into_owned(),
+                })
+            }
+            None => return Err(InvalidReport::new("type", "missing required field `type`")),
+        },
+    };
+    if line_type != LOG_STATS_TYPE {
+        return Ok(LogLine::Other {
+            kind: line_type.into_owned(),
+        });
+    }
+    let (connection, sora_timestamp) = ConnectionFields {
+        timestamp: parsed.timestamp,
+        label: parsed.label,
+        version: parsed.version,
+        node_name: parsed.node_name,
+        multistream: parsed.multistream,
+        simulcast: parsed.simulcast,
+        spotlight: parsed.spotlight,
+        role: parsed.role,
+        channel_id: parsed.channel_id,
+        session_id: parsed.session_id,
+        client_id: parsed.client_id,
+        connection_id: parsed.connection_id,
+        bundle_id: parsed.bundle_id,
+    }
+    .validate()?;
+    let object = parse_object(ObjectAt::RtcData, required(parsed.rtc_data, "rtc_data")?)?;
+    // The copies Sora writes next to `rtc_data` must agree with it; if not, the line is damaged.
+    let disagrees = |field: &str, copy: String, inside: String| {
+        InvalidReport::new(
+            field,
+            format!("`{copy}` differs from the stats object's own value `{inside}`"),
+        )
+    };
+    if let Some(rtc_id) = parsed.rtc_id.filter(|id| *id != object.rtc_id) {
+        return Err(disagrees("rtc_id", rtc_id.into_owned(), object.rtc_id));
+    }
+    if let Some(rtc_type) = parsed.rtc_type.filter(|t| *t != object.rtc_type) {
+        return Err(disagrees(
+            "rtc_type",
+            rtc_type.into_owned(),
+            object.rtc_type,
+        ));
+    }
+    if let Some(rtc_timestamp) = parsed.rtc_timestamp.filter(|t| *t != object.rtc_timestamp) {
+        return Err(disagrees(
+            "rtc_timestamp",
+            rtc_timestamp.to_string(),
+            object.rtc_timestamp.to_string(),
+        ));
+    }
+    Ok(LogLine::Stats(LogStats {
+        connection,
+        sora_timestamp,
+        object,
+    }))
+}
+
+/// The connection metadata every exporter body and every log line carries.
+struct ConnectionFields<'a> {
+    timestamp: Option<Cow<'a, str>>,
+    label: Option<Cow<'a, str>>,
+    version: Option<Cow<'a, str>>,
+    node_name: Option<Cow<'a, str>>,
+    multistream: Option<bool>,
+    simulcast: Option<bool>,
+    spotlight: Option<bool>,
+    role: Option<Cow<'a, str>>,
+    channel_id: Option<Cow<'a, str>>,
+    session_id: Option<Cow<'a, str>>,
+    client_id: Option<Cow<'a, str>>,
+    connection_id: Option<Cow<'a, str>>,
+    bundle_id: Option<Cow<'a, str>>,
+}
+
+impl ConnectionFields<'_> {
+    /// The connection and Sora's send time, or the first field that is missing or wrong.
+    fn validate(self) -> Result<(Connection, OffsetDateTime), InvalidReport> {
+        let timestamp = required(self.timestamp, "timestamp")?;
+        let sora_timestamp = OffsetDateTime::parse(&timestamp, &Rfc3339)
+            .map_err(|err| {
+                InvalidReport::new(
+                    "timestamp",
+                    format!("`{timestamp}` is not an RFC 3339 time such as 2025-07-25T06:06:51.592776Z: {err}"),
+                )
+            })?
+            .to_offset(time::UtcOffset::UTC);
+
+        let role = required(self.role, "role")?;
+        if !ROLES.contains(&role.as_ref()) {
+            return Err(InvalidReport::new(
+                "role",
+                format!("unexpected role `{role}`; expected one of sendrecv, sendonly, recvonly"),
+            ));
+        }
+        let connection = Connection {
+            channel_id: name(self.channel_id, "channel_id")?,
+            session_id: sora_id(self.session_id, "session_id")?,
+            client_id: name(self.client_id, "client_id")?,
+            connection_id: sora_id(self.connection_id, "connection_id")?,
+            bundle_id: self.bundle_id.map(Cow::into_owned),
+            label: required(self.label, "label")?.into_owned(),
+            version: required(self.version, "version")?.into_owned(),
+            node_name: required(self.node_name, "node_name")?.into_owned(),
+            role: role.into_owned(),
+            multistream: self.multistream,
+            simulcast: required(self.simulcast, "simulcast")?,
+            spotlight: required(self.spotlight, "spotlight")?,
+        };
+        Ok((connection, sora_timestamp))
+    }
+}
+
+/// Where a stats object sits, for naming its fields in errors.
+#[derive(Clone, Copy)]
+enum ObjectAt {
+    /// `stats[i]` of an exporter body.
+    Stats(usize),
+    /// `rtc_data` of a log line.
+    RtcData,
+}
+
+fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
+    let field = |name: &str| match at {
+        ObjectAt::Stats(index) => format!("stats[{index}]{name}"),
+        ObjectAt::RtcData => format!("rtc_data{name}"),
+    };
     if !raw.get().starts_with('{') {
         return Err(InvalidReport::new(
             field(""),
@@ -397,5 +616,136 @@ mod tests {
         assert_eq!(err.field, EXPORTER_TYPE_HEADER);
         assert!(err.error.contains("node.erlang-vm"));
         assert!(check_exporter_type(None).is_err());
+    }
+
+    const SORA_LOG: &str = include_str!("../tests/fixtures/sora-logs/rtc_stats.sample.jsonl");
+    const WEBHOOK_LOG: &str = include_str!("../tests/fixtures/sora-logs/session_webhook.jsonl");
+
+    fn log_line() -> Value {
+        serde_json::from_str(SORA_LOG.lines().next().unwrap()).unwrap()
+    }
+
+    fn parse_line(line: &Value) -> Result<LogLine, InvalidReport> {
+        parse_log_line(line.to_string().as_bytes())
+    }
+
+    #[test]
+    fn every_sora_log_line_parses_with_its_object_text_intact() {
+        for text in SORA_LOG.lines() {
+            let line: Value = serde_json::from_str(text).unwrap();
+            let LogLine::Stats(stats) = parse_log_line(text.as_bytes()).unwrap() else {
+                panic!("not a stats line: {text}");
+            };
+            assert_eq!(stats.connection.connection_id, line["connection_id"]);
+            assert_eq!(stats.connection.channel_id, line["channel_id"]);
+            assert_eq!(stats.connection.multistream, None);
+            assert_eq!(
+                format_timestamp_of(stats.sora_timestamp),
+                line["timestamp"].as_str().unwrap()
+            );
+            assert_eq!(stats.object.rtc_id, line["rtc_id"]);
+            assert_eq!(stats.object.rtc_type, line["rtc_type"]);
+            let data: Value = serde_json::from_str(stats.object.rtc_data.get()).unwrap();
+            assert_eq!(data, line["rtc_data"]);
+            assert!(
+                text.contains(stats.object.rtc_data.get()),
+                "kept byte for byte"
+            );
+        }
+    }
+
+    fn format_timestamp_of(at: OffsetDateTime) -> String {
+        kohaku_sink::format_timestamp(at)
+    }
+
+    #[test]
+    fn webhook_and_other_lines_are_named_not_refused() {
+        let kinds: Vec<String> = WEBHOOK_LOG
+            .lines()
+            .map(|text| match parse_log_line(text.as_bytes()).unwrap() {
+                LogLine::Other { kind } => kind,
+                LogLine::Stats(_) => panic!("a webhook line taken for stats"),
+            })
+            .collect();
+        assert_eq!(kinds[0], "session.created");
+        assert!(kinds[1..].iter().all(|kind| kind == "session.updated"));
+        let mut line = log_line();
+        line["type"] = json!("connection.user-agent");
+        assert!(matches!(
+            parse_line(&line),
+            Ok(LogLine::Other { kind }) if kind == "connection.user-agent"
+        ));
+    }
+
+    #[test]
+    fn broken_log_lines_name_the_field() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"channel_id": "sora"}), "type"),
+            (json!({"req": {"no_type": 1}}), "type"),
+            (
+                {
+                    let mut line = log_line();
+                    line.as_object_mut().unwrap().remove("rtc_data");
+                    line
+                },
+                "rtc_data",
+            ),
+            (
+                {
+                    let mut line = log_line();
+                    line["rtc_data"]["timestamp"] = json!("soon");
+                    line
+                },
+                "rtc_data",
+            ),
+            (
+                {
+                    let mut line = log_line();
+                    line["rtc_data"] = json!([1]);
+                    line
+                },
+                "rtc_data",
+            ),
+            (
+                {
+                    let mut line = log_line();
+                    line["rtc_id"] = json!("another-id");
+                    line
+                },
+                "rtc_id",
+            ),
+            (
+                {
+                    let mut line = log_line();
+                    line["rtc_timestamp"] = json!(1.5);
+                    line
+                },
+                "rtc_timestamp",
+            ),
+            (
+                {
+                    let mut line = log_line();
+                    line["session_id"] = json!("short");
+                    line
+                },
+                "session_id",
+            ),
+            (
+                {
+                    let mut line = log_line();
+                    line["simulcast"] = json!("no");
+                    line
+                },
+                "simulcast",
+            ),
+        ];
+        for (line, field) in cases {
+            let err = parse_line(&line).expect_err(&line.to_string());
+            assert_eq!(err.field, field, "{line}: {err}");
+        }
+        for text in ["", "garbage", "[]", "{", "{} {}"] {
+            let err = parse_log_line(text.as_bytes()).expect_err(text);
+            assert_eq!(err.field, "line", "{text}: {err}");
+        }
     }
 }

@@ -78,6 +78,27 @@ pub struct Ingest {
 impl Ingest {
     /// Queues the report, or says why not. `Ok` means it is in the pipeline: answer 204.
     pub fn submit(&self, report: Report) -> Result<(), SubmitError> {
+        let wanted = self.permits_for(&report)?;
+        let permit = match Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
+            Ok(permit) => permit,
+            Err(TryAcquireError::NoPermits) => return Err(SubmitError::QueueFull),
+            Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
+        };
+        self.enqueue(report, permit)
+    }
+
+    /// Queues the report, waiting while the queue is full. For callers that can wait (the
+    /// importer), so that reading never outruns the sinks and memory stays bounded.
+    pub async fn submit_waiting(&self, report: Report) -> Result<(), SubmitError> {
+        let wanted = self.permits_for(&report)?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_many_owned(wanted)
+            .await
+            .map_err(|_| SubmitError::Closed)?;
+        self.enqueue(report, permit)
+    }
+
+    fn permits_for(&self, report: &Report) -> Result<u32, SubmitError> {
         let rows = report.row_count();
         // A report without stats still updates its connection, so it takes a slot too.
         let wanted = u32::try_from(rows.max(1)).unwrap_or(u32::MAX);
@@ -87,11 +108,11 @@ impl Ingest {
                 capacity: self.capacity,
             });
         }
-        let permit = match Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
-            Ok(permit) => permit,
-            Err(TryAcquireError::NoPermits) => return Err(SubmitError::QueueFull),
-            Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
-        };
+        Ok(wanted)
+    }
+
+    fn enqueue(&self, report: Report, permit: OwnedSemaphorePermit) -> Result<(), SubmitError> {
+        let rows = report.row_count();
         self.sender
             .send(Queued {
                 report: Arc::new(report),

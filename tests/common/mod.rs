@@ -337,6 +337,23 @@ pub struct StoredRow {
     pub received_at: String,
 }
 
+impl StoredRow {
+    /// The idempotency key: `(connection_id, rtc_id, rtc_timestamp bits)`.
+    pub fn key(&self) -> (String, String, u64) {
+        (
+            self.connection_id.clone(),
+            self.rtc_id.clone(),
+            self.rtc_timestamp.to_bits(),
+        )
+    }
+}
+
+/// Fails with the whole text when `part` is not in it.
+#[track_caller]
+pub fn assert_contains(text: &str, part: &str) {
+    assert!(text.contains(part), "`{part}` not found in:\n{text}");
+}
+
 pub fn sqlite_rows(path: &Path) -> Vec<StoredRow> {
     let connection = rusqlite::Connection::open(path).expect("open sqlite");
     let mut statement = connection
