@@ -246,7 +246,7 @@ impl ImportSummary {
         for sink in &self.sinks {
             let _ = writeln!(
                 out,
-                "  sink {:<10}written {}, duplicates {}, rejected {}, not stored {}",
+                "  sink {}: written {}, duplicates {}, rejected {}, not stored {}",
                 sink.sink, sink.written, sink.duplicates, sink.rejected, sink.dropped
             );
         }

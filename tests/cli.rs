@@ -108,9 +108,21 @@ fn migrate_creates_the_schema_once() {
         assert!(output.status.success(), "{}", stderr(&output));
     }
     let db = dir.path().join("kohaku.db");
+    let migrations = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/sqlite"))
+        .unwrap()
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|e| e == "sql")
+        })
+        .count() as i64;
     assert_eq!(
         sqlite_count(&db, "SELECT count(*) FROM kohaku_schema_migrations"),
-        1
+        migrations,
+        "each migration recorded once"
     );
     assert_eq!(
         sqlite_count(&db, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('rtc_stats', 'sora_connection')"),

@@ -116,7 +116,7 @@ fn stderr(output: &Output) -> String {
 
 /// The summary line of one sink, e.g. `written 752, duplicates 18, rejected 0, not stored 0`.
 fn sink_line(output: &Output, sink: &str) -> String {
-    let prefix = format!("sink {sink}");
+    let prefix = format!("sink {sink}:");
     stdout(output)
         .lines()
         .find_map(|line| {

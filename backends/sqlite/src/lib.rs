@@ -13,11 +13,21 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags};
 
 /// Numbered migrations from `schemas/sqlite/`, applied in order; the applied version is recorded
 /// in `kohaku_schema_migrations`.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../schemas/sqlite/0001_init.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "init",
+        include_str!("../../../schemas/sqlite/0001_init.sql"),
+    ),
+    (
+        2,
+        "views",
+        include_str!("../../../schemas/sqlite/0002_views.sql"),
+    ),
+];
+
+/// The schema version this build creates: the last migration's.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 const INSERT_STATS: &str =
     "INSERT INTO rtc_stats (channel_id, session_id, client_id, connection_id, bundle_id, \

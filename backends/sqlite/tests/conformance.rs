@@ -134,6 +134,9 @@ async fn sqlite_passes_the_conformance_suite() {
     conformance::run_all(&target).await;
 }
 
+/// Migrations are numbered 1, 2, … without gaps, so as many rows as the newest version.
+const MIGRATIONS_APPLIED: i64 = kohaku_sqlite::SCHEMA_VERSION;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_version_is_recorded_and_reopening_keeps_data() {
     let target = SqliteTarget::new().await;
@@ -146,7 +149,7 @@ async fn schema_version_is_recorded_and_reopening_keeps_data() {
             |row| row.get(0),
         )
         .expect("version");
-    assert_eq!(version, 1);
+    assert_eq!(version, kohaku_sqlite::SCHEMA_VERSION);
 
     // A second Kohaku start on the same file migrates nothing and sees the same rows.
     let reopened = SqliteSink::open(&SqliteOptions::new(&target.path)).expect("reopen");
@@ -157,7 +160,7 @@ async fn schema_version_is_recorded_and_reopening_keeps_data() {
             row.get(0)
         })
         .expect("count");
-    assert_eq!(migrations, 1);
+    assert_eq!(migrations, MIGRATIONS_APPLIED, "each applied once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "views",
         include_str!("../../../schemas/timescaledb/0002_views.sql"),
     ),
+    (
+        3,
+        "dashboards",
+        include_str!("../../../schemas/timescaledb/0003_dashboards.sql"),
+    ),
 ];
 
 const TIMESCALEDB_SQL: &str = include_str!("../../../schemas/timescaledb/timescaledb.sql");

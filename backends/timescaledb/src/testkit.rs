@@ -109,3 +109,19 @@ pub async fn stored_rows(url: &str) -> Vec<StoredRow> {
         })
         .collect()
 }
+
+/// Runs any query and returns its rows as JSON objects (column name → value), the way a client
+/// such as Grafana would see them; `Err` carries PostgreSQL's message.
+pub async fn query_json(url: &str, sql: &str) -> Result<Vec<serde_json::Value>, String> {
+    let pool = PgPool::connect(url)
+        .await
+        .map_err(|err| format!("connect: {err}"))?;
+    // json_agg keeps every column's type readable without knowing the query's columns.
+    let wrapped = format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({sql}) AS q");
+    let result: Result<String, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(wrapped))
+        .fetch_one(&pool)
+        .await;
+    pool.close().await;
+    let text = result.map_err(|err| err.to_string())?;
+    serde_json::from_str(&text).map_err(|err| format!("json_agg result: {err}"))
+}

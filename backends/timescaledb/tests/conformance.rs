@@ -175,7 +175,11 @@ async fn an_older_schema_is_upgraded_and_migrations_are_idempotent() {
             .fetch_all(&reader)
             .await
             .unwrap();
-    assert_eq!(versions, [1, 2]);
+    let every: Vec<i32> = kohaku_timescaledb::schema::MIGRATIONS
+        .iter()
+        .map(|(version, _, _)| *version)
+        .collect();
+    assert_eq!(versions, every);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_stats")
         .fetch_one(&reader)
         .await
@@ -188,6 +192,11 @@ async fn an_older_schema_is_upgraded_and_migrations_are_idempotent() {
             .await
             .unwrap();
     assert!(outbound > 0);
+    let rates: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_outbound_rtp_rates")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(rates, outbound, "one rate row per sample");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,735 @@
+//! The Grafana dashboards in grafana/: their structure, and every query they hold run the way
+//! Grafana would run it (variables interpolated, macros expanded) against databases Kohaku filled
+//! from the real Sora and Chromium logs. No Grafana server is involved: these are the statements
+//! Grafana would send.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+const LOGS: [&str; 2] = [
+    "sora-logs/rtc_stats.sample.jsonl",
+    "chromium/rtc_stats.chromium-av.jsonl",
+];
+
+fn grafana_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana")
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+fn read_yaml(path: &Path) -> Value {
+    serde_norway::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+struct Dashboard {
+    backend: String,
+    file: PathBuf,
+    json: Value,
+}
+
+impl Dashboard {
+    fn uid(&self) -> &str {
+        self.json["uid"].as_str().expect("dashboard uid")
+    }
+
+    fn panels(&self) -> Vec<&Value> {
+        let mut panels = Vec::new();
+        for panel in self.json["panels"].as_array().expect("panels") {
+            panels.push(panel);
+            if let Some(nested) = panel["panels"].as_array() {
+                panels.extend(nested);
+            }
+        }
+        panels
+    }
+
+    fn variables(&self) -> Vec<&Value> {
+        self.json["templating"]["list"]
+            .as_array()
+            .map(|list| list.iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// (panel title, query text, table format?) for every panel target.
+    fn queries(&self) -> Vec<(String, String, bool)> {
+        let mut queries = Vec::new();
+        for panel in self.panels() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let (sql, table) = if self.backend == "timescaledb" {
+                    (target["rawSql"].as_str(), target["format"] == "table")
+                } else {
+                    assert_eq!(
+                        target["rawQueryText"], target["queryText"],
+                        "{}: the SQLite plugin runs queryText",
+                        panel["title"]
+                    );
+                    (
+                        target["rawQueryText"].as_str(),
+                        target["queryType"] == "table",
+                    )
+                };
+                let sql = sql.unwrap_or_else(|| panic!("{}: no SQL", panel["title"]));
+                queries.push((
+                    panel["title"].as_str().unwrap().to_owned(),
+                    sql.to_owned(),
+                    table,
+                ));
+            }
+        }
+        queries
+    }
+}
+
+fn dashboards() -> Vec<Dashboard> {
+    let mut dashboards = Vec::new();
+    for backend in ["timescaledb", "sqlite"] {
+        let dir = grafana_dir().join("dashboards").join(backend);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        for file in files {
+            dashboards.push(Dashboard {
+                backend: backend.to_owned(),
+                json: read_json(&file),
+                file,
+            });
+        }
+    }
+    dashboards
+}
+
+/// Provisioned datasources: uid → type.
+fn provisioned_datasources() -> HashMap<String, String> {
+    let file = grafana_dir().join("provisioning/datasources/kohaku.yaml");
+    read_yaml(&file)["datasources"]
+        .as_array()
+        .expect("datasources list")
+        .iter()
+        .map(|ds| {
+            (
+                ds["uid"].as_str().expect("uid").to_owned(),
+                ds["type"].as_str().expect("type").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `$name`, `${name}` and `${name:format}` references, without Grafana's built-ins (`$__…`).
+fn variable_references(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' {
+            let (start, braced) = if bytes.get(i + 1) == Some(&b'{') {
+                (i + 2, true)
+            } else {
+                (i + 1, false)
+            };
+            let end = bytes[start..]
+                .iter()
+                .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.'))
+                .map_or(bytes.len(), |n| start + n);
+            let name = &text[start..end];
+            if !name.is_empty() && !name.starts_with("__") && (braced || !name.contains('.')) {
+                names.insert(name.to_owned());
+            }
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn dashboards_are_well_formed() {
+    let datasources = provisioned_datasources();
+    let dashboards = dashboards();
+    let backends: BTreeSet<&str> = dashboards.iter().map(|d| d.backend.as_str()).collect();
+    assert_eq!(backends, BTreeSet::from(["sqlite", "timescaledb"]));
+    let expected_type = |backend: &str| match backend {
+        "timescaledb" => "grafana-postgresql-datasource",
+        _ => "frser-sqlite-datasource",
+    };
+    let uids: Vec<&str> = dashboards.iter().map(Dashboard::uid).collect();
+    assert_eq!(
+        uids.iter().collect::<BTreeSet<_>>().len(),
+        uids.len(),
+        "dashboard uids are unique: {uids:?}"
+    );
+
+    for dashboard in &dashboards {
+        let name = dashboard.file.display().to_string();
+        let variables: BTreeSet<String> = dashboard
+            .variables()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect();
+        let mut panel_ids = BTreeSet::new();
+        let mut datasource_refs: Vec<&Value> = dashboard
+            .variables()
+            .iter()
+            .map(|v| &v["datasource"])
+            .collect();
+        for panel in dashboard.panels() {
+            assert!(
+                panel_ids.insert(panel["id"].as_i64().expect("panel id")),
+                "{name}: duplicate panel id {}",
+                panel["id"]
+            );
+            assert!(panel["gridPos"]["w"].as_i64().is_some(), "{name}: gridPos");
+            if panel["type"] == "row" {
+                continue;
+            }
+            datasource_refs.push(&panel["datasource"]);
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(
+                !targets.is_empty(),
+                "{name}: {} has no query",
+                panel["title"]
+            );
+            datasource_refs.extend(targets.iter().map(|t| &t["datasource"]));
+        }
+        for reference in datasource_refs {
+            let uid = reference["uid"].as_str().expect("datasource uid");
+            assert_eq!(
+                datasources.get(uid).map(String::as_str),
+                Some(expected_type(&dashboard.backend)),
+                "{name}: datasource {uid} is not provisioned with the {} type",
+                dashboard.backend
+            );
+            assert_eq!(reference["type"], expected_type(&dashboard.backend));
+        }
+        // Every variable used anywhere (queries, titles, links) is defined.
+        let text = dashboard.json.to_string();
+        for used in variable_references(&text) {
+            assert!(
+                variables.contains(&used),
+                "{name}: ${used} is used but not defined ({variables:?})"
+            );
+        }
+        // Links point at dashboards of the same backend.
+        let same_backend: BTreeSet<&str> = dashboards
+            .iter()
+            .filter(|d| d.backend == dashboard.backend)
+            .map(Dashboard::uid)
+            .collect();
+        let mut links = 0;
+        for part in text.split("/d/").skip(1) {
+            let target = part.split(['/', '?', '"']).next().unwrap();
+            assert!(
+                same_backend.contains(target),
+                "{name}: link to unknown dashboard {target}"
+            );
+            links += 1;
+        }
+        assert!(links > 0, "{name}: links to the other dashboard");
+    }
+
+    // The provider loads the folder the compose file mounts grafana/dashboards at.
+    let provider = read_yaml(&grafana_dir().join("provisioning/dashboards/kohaku.yaml"));
+    let path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .expect("provider path");
+    let compose = read_yaml(&grafana_dir().join("compose.yaml"));
+    let volumes: Vec<&str> = compose["services"]["grafana"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.starts_with(&format!("./dashboards:{path}"))),
+        "{volumes:?} mounts dashboards at {path}"
+    );
+    assert!(volumes
+        .iter()
+        .any(|v| v.starts_with("./provisioning:/etc/grafana/provisioning")));
+}
+
+/// What Grafana puts into a query: the time range, the interval and the variables' values.
+struct Render {
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+    interval_secs: i64,
+    variables: HashMap<String, Vec<String>>,
+}
+
+impl Render {
+    fn new(from_ms: f64, to_ms: f64) -> Self {
+        let at = |ms: f64| {
+            OffsetDateTime::from_unix_timestamp_nanos((ms * 1e6) as i128).expect("time in range")
+        };
+        let from = at(from_ms);
+        let to = at(to_ms);
+        // Grafana aims at about one point per pixel: ~1000 points over the range.
+        let interval_secs = ((to - from).whole_seconds() / 1000).max(1);
+        Self {
+            from,
+            to,
+            interval_secs,
+            variables: HashMap::new(),
+        }
+    }
+
+    fn ms(at: OffsetDateTime) -> i64 {
+        (at.unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    fn rfc3339(at: OffsetDateTime) -> String {
+        at.format(&Rfc3339).unwrap()
+    }
+
+    /// Grafana's template service: variables and global variables.
+    fn interpolate(&self, sql: &str) -> String {
+        let mut out = sql
+            .replace("$__interval_ms", &(self.interval_secs * 1000).to_string())
+            .replace("$__interval", &format!("{}s", self.interval_secs))
+            .replace("$__from", &Self::ms(self.from).to_string())
+            .replace("$__to", &Self::ms(self.to).to_string());
+        for (name, values) in &self.variables {
+            let quoted: Vec<String> = values
+                .iter()
+                .map(|v| format!("'{}'", v.replace('\'', "\\'")))
+                .collect();
+            out = out
+                .replace(&format!("${{{name}:singlequote}}"), &quoted.join(","))
+                .replace(&format!("${{{name}}}"), &values.join(","))
+                .replace(&format!("${name}"), &values.join(","));
+        }
+        out
+    }
+
+    /// The PostgreSQL datasource's macros, as its backend expands them.
+    fn expand_postgres_macros(&self, sql: &str) -> String {
+        let mut out = String::new();
+        let mut rest = sql;
+        while let Some(at) = rest.find("$__") {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 3..];
+            let open = after.find('(').expect("macro with arguments");
+            let close = after.find(')').expect("macro closed");
+            let name = &after[..open];
+            let args: Vec<&str> = after[open + 1..close].split(',').map(str::trim).collect();
+            let from = Self::rfc3339(self.from);
+            let to = Self::rfc3339(self.to);
+            out.push_str(&match name {
+                "timeFilter" => format!("{} BETWEEN '{from}' AND '{to}'", args[0]),
+                "timeFrom" => format!("'{from}'"),
+                "timeTo" => format!("'{to}'"),
+                "timeGroupAlias" | "timeGroup" => {
+                    let secs: i64 = args[1]
+                        .strip_suffix('s')
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or_else(|| panic!("interval {}", args[1]));
+                    let alias = if name == "timeGroupAlias" {
+                        " AS \"time\""
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "floor(extract(epoch from {})/{secs})*{secs}{alias}",
+                        args[0]
+                    )
+                }
+                other => panic!("macro $__{other} is not emulated by this test"),
+            });
+            rest = &after[close + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    fn render(&self, backend: &str, sql: &str) -> String {
+        let interpolated = self.interpolate(sql);
+        let rendered = if backend == "timescaledb" {
+            self.expand_postgres_macros(&interpolated)
+        } else {
+            // The SQLite plugin's own macros ($__timeFilter, $__unixEpochGroupSeconds) are not
+            // used: its $__timeFilter compares whole seconds, Kohaku stores milliseconds.
+            interpolated
+        };
+        assert!(
+            !rendered.contains('$'),
+            "left unexpanded: {rendered}\n(from {sql})"
+        );
+        rendered
+    }
+}
+
+/// The databases under test, filled by `kohaku import` from the real logs.
+struct Databases {
+    _dir: tempfile::TempDir,
+    sqlite: PathBuf,
+    #[cfg(feature = "timescaledb")]
+    postgres: String,
+}
+
+impl Databases {
+    async fn filled(extra_lines: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = dir.path().join("kohaku.db");
+        #[allow(unused_mut)]
+        let mut config = format!("[sinks.sqlite]\npath = \"{}\"\n", sqlite.display());
+        #[cfg(feature = "timescaledb")]
+        let postgres = {
+            let url = kohaku_timescaledb::testkit::fresh_database("dashboards").await;
+            config.push_str(&format!(
+                "\n[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"
+            ));
+            url
+        };
+        std::fs::write(dir.path().join("kohaku.toml"), config).unwrap();
+        let mut files: Vec<String> = Vec::new();
+        match extra_lines {
+            Some(lines) => {
+                let path = dir.path().join("extra.jsonl");
+                std::fs::write(&path, lines).unwrap();
+                files.push(path.display().to_string());
+            }
+            None => files.extend(
+                LOGS.iter()
+                    .map(|log| fixture_path(log).display().to_string()),
+            ),
+        }
+        let output = tokio::task::block_in_place(|| {
+            Command::new(env!("CARGO_BIN_EXE_kohaku"))
+                .env_remove("KOHAKU_CONFIG")
+                .env_remove("RUST_LOG")
+                .args(["import", "--config"])
+                .arg(dir.path().join("kohaku.toml"))
+                .args(&files)
+                .output()
+                .expect("kohaku import runs")
+        });
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Self {
+            _dir: dir,
+            sqlite,
+            #[cfg(feature = "timescaledb")]
+            postgres,
+        }
+    }
+
+    fn backends(&self) -> Vec<&'static str> {
+        let mut backends = vec!["sqlite"];
+        if cfg!(feature = "timescaledb") {
+            backends.push("timescaledb");
+        }
+        backends
+    }
+
+    async fn query(&self, backend: &str, sql: &str) -> Result<Vec<Value>, String> {
+        match backend {
+            "sqlite" => sqlite_query(&self.sqlite, sql),
+            #[cfg(feature = "timescaledb")]
+            "timescaledb" => kohaku_timescaledb::testkit::query_json(&self.postgres, sql).await,
+            other => panic!("backend {other} not in this build"),
+        }
+    }
+}
+
+fn sqlite_query(path: &Path, sql: &str) -> Result<Vec<Value>, String> {
+    use rusqlite::types::ValueRef;
+    let connection = rusqlite::Connection::open(path).map_err(|e| e.to_string())?;
+    let mut statement = connection.prepare(sql).map_err(|e| e.to_string())?;
+    let names: Vec<String> = statement
+        .column_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let mut rows = statement.query([]).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(|e| e.to_string())? {
+        let mut object = serde_json::Map::new();
+        for (index, name) in names.iter().enumerate() {
+            let value = match row.get_ref(index).map_err(|e| e.to_string())? {
+                ValueRef::Null => Value::Null,
+                ValueRef::Integer(i) => Value::from(i),
+                ValueRef::Real(f) => Value::from(f),
+                ValueRef::Text(t) => Value::from(String::from_utf8_lossy(t).into_owned()),
+                ValueRef::Blob(_) => Value::from("<blob>"),
+            };
+            object.insert(name.clone(), value);
+        }
+        out.push(Value::Object(object));
+    }
+    Ok(out)
+}
+
+/// Values a user would find absurd, by column name. Returns the complaint.
+fn implausible(column: &str, value: &Value) -> Option<String> {
+    let number = value.as_f64()?;
+    let within = |low: f64, high: f64| {
+        (!(low..=high).contains(&number))
+            .then(|| format!("{column} = {number} not in {low}..{high}"))
+    };
+    if !number.is_finite() {
+        return Some(format!("{column} = {number}"));
+    }
+    match column {
+        c if c.ends_with("_percent") => within(0.0, 100.0),
+        "fraction_lost" => within(0.0, 1.0),
+        "frames_per_second"
+        | "frames_decoded_per_second"
+        | "frames_encoded_per_second"
+        | "frames_dropped_per_second" => within(0.0, 240.0),
+        "frame_width" | "frame_height" => within(0.0, 8192.0),
+        c if c.ends_with("_bps") || c == "available_outgoing_bitrate" => within(0.0, 1e10),
+        c if c.ends_with("_ms") => within(0.0, 60_000.0),
+        c if c.contains("round_trip_time") || c == "rtt" || c == "max_rtt" => within(0.0, 60.0),
+        c if c.ends_with("_per_second") => within(0.0, 1e6),
+        "freezes" | "freeze_seconds" | "samples" | "objects" | "connections" | "channels"
+        | "nodes" => within(0.0, 1e12),
+        _ => None,
+    }
+}
+
+/// Runs every query of every dashboard of `backend`; returns, per (dashboard, panel), whether
+/// some run returned a row with a non-NULL value.
+async fn run_all(
+    databases: &Databases,
+    backend: &str,
+    renders: &[(String, Render)],
+) -> HashMap<(String, String), bool> {
+    let mut had_data: HashMap<(String, String), bool> = HashMap::new();
+    for dashboard in dashboards().iter().filter(|d| d.backend == backend) {
+        for (scope, render) in renders {
+            if !scope.is_empty() && !dashboard.uid().contains(scope.as_str()) {
+                continue;
+            }
+            let mut queries = dashboard.queries();
+            for variable in dashboard.variables() {
+                queries.push((
+                    format!("variable {}", variable["name"].as_str().unwrap()),
+                    variable["query"]
+                        .as_str()
+                        .expect("variable query")
+                        .to_owned(),
+                    true,
+                ));
+            }
+            for (title, sql, _table) in queries {
+                let rendered = render.render(backend, &sql);
+                let rows = databases
+                    .query(backend, &rendered)
+                    .await
+                    .unwrap_or_else(|err| {
+                        panic!("{backend} {}: {title}: {err}\n{rendered}", dashboard.uid())
+                    });
+                let mut non_null = false;
+                for row in &rows {
+                    for (column, value) in row.as_object().unwrap() {
+                        if let Some(complaint) = implausible(column, value) {
+                            panic!(
+                                "{backend} {}: {title}: {complaint}\n{rendered}",
+                                dashboard.uid()
+                            );
+                        }
+                        non_null |= !value.is_null() && column != "time" && column != "metric";
+                    }
+                }
+                *had_data
+                    .entry((dashboard.uid().to_owned(), title))
+                    .or_default() |= non_null;
+            }
+        }
+    }
+    had_data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_runs_and_returns_plausible_data() {
+    let databases = Databases::filled(None).await;
+    for backend in databases.backends() {
+        // The range an operator would pick: all the data (overview), then each connection's own
+        // lifetime with that connection selected (connection dashboard).
+        let bounds = databases
+            .query(
+                "sqlite",
+                "SELECT min(rtc_timestamp) AS low, max(rtc_timestamp) AS high FROM rtc_stats",
+            )
+            .await
+            .unwrap();
+        let low = bounds[0]["low"].as_f64().unwrap();
+        let high = bounds[0]["high"].as_f64().unwrap();
+        let channels: Vec<String> = databases
+            .query("sqlite", "SELECT DISTINCT channel_id FROM sora_connection")
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row["channel_id"].as_str().unwrap().to_owned())
+            .collect();
+        let mut overview = Render::new(low - 60_000.0, high + 60_000.0);
+        overview
+            .variables
+            .insert("channel_id".into(), channels.clone());
+        let mut renders = vec![("overview".to_owned(), overview)];
+        let connections = databases
+            .query(
+                "sqlite",
+                "SELECT channel_id, connection_id, min(rtc_timestamp) AS low, max(rtc_timestamp) AS high \
+                 FROM rtc_stats GROUP BY channel_id, connection_id",
+            )
+            .await
+            .unwrap();
+        assert_eq!(connections.len(), 5, "3 Sora + 2 Chromium connections");
+        for connection in &connections {
+            let mut render = Render::new(
+                connection["low"].as_f64().unwrap() - 60_000.0,
+                connection["high"].as_f64().unwrap() + 60_000.0,
+            );
+            for name in ["channel_id", "connection_id"] {
+                render.variables.insert(
+                    name.into(),
+                    vec![connection[name].as_str().unwrap().to_owned()],
+                );
+            }
+            renders.push(("connection".to_owned(), render));
+        }
+
+        let had_data = run_all(&databases, backend, &renders).await;
+        let empty: Vec<&(String, String)> = had_data
+            .iter()
+            .filter(|(_, data)| !**data)
+            .map(|(panel, _)| panel)
+            .collect();
+        assert!(
+            empty.is_empty(),
+            "{backend}: panels without data for any connection of the fixtures: {empty:?}"
+        );
+        assert!(had_data.len() > 30, "{backend}: {} queries", had_data.len());
+    }
+}
+
+/// One inbound-rtp sample and the rates the view must derive from it and its predecessor.
+struct Sample {
+    offset_ms: f64,
+    bytes: u64,
+    packets: u64,
+    lost: i64,
+    bitrate_bps: Option<f64>,
+    loss_percent: Option<f64>,
+}
+
+const fn sample(
+    offset_ms: f64,
+    bytes: u64,
+    packets: u64,
+    lost: i64,
+    bitrate_bps: Option<f64>,
+    loss_percent: Option<f64>,
+) -> Sample {
+    Sample {
+        offset_ms,
+        bytes,
+        packets,
+        lost,
+        bitrate_bps,
+        loss_percent,
+    }
+}
+
+/// One inbound-rtp sample of one stream, as a Sora log line.
+fn inbound_line(timestamp_ms: f64, bytes: u64, packets: u64, lost: i64) -> String {
+    let connection = sora_id(7);
+    serde_json::json!({
+        "type": "connection.rtc", "timestamp": "2026-01-01T00:00:00.000000Z",
+        "label": "WebRTC SFU Sora", "version": "2025.2.1", "node_name": "sora@127.0.0.1",
+        "role": "recvonly", "channel_id": "rates", "session_id": sora_id(8),
+        "client_id": "client", "connection_id": connection,
+        "simulcast": false, "spotlight": false,
+        "rtc_data": {
+            "id": "IT01V1", "type": "inbound-rtp", "kind": "video", "timestamp": timestamp_ms,
+            "bytesReceived": bytes, "packetsReceived": packets, "packetsLost": lost,
+            "jitterBufferDelay": packets as f64 * 0.05, "jitterBufferEmittedCount": packets
+        }
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_follow_counter_deltas_across_gaps_resets_and_disorder() {
+    let start = 1_767_225_600_000.0; // 2026-01-01T00:00:00Z
+    let samples = [
+        sample(0.0, 0, 0, 0, None, None),
+        sample(1000.0, 1000, 10, 0, Some(8000.0), Some(0.0)),
+        sample(2000.0, 3000, 20, 10, Some(16000.0), Some(50.0)),
+        // A 10 s gap: the average over the gap.
+        sample(12000.0, 13000, 120, 10, Some(8000.0), Some(0.0)),
+        // The counters restarted (reconnect): no rate for this sample, not a negative one.
+        sample(13000.0, 500, 5, 0, None, None),
+        sample(14000.0, 1500, 15, 0, Some(8000.0), Some(0.0)),
+    ];
+    // Written out of order, as reports delayed by retries arrive.
+    let order = [2, 0, 5, 1, 4, 3];
+    let lines: String = order
+        .iter()
+        .map(|&i| {
+            let s = &samples[i];
+            inbound_line(start + s.offset_ms, s.bytes, s.packets, s.lost) + "\n"
+        })
+        .collect();
+    let databases = Databases::filled(Some(&lines)).await;
+    for backend in databases.backends() {
+        let time = if backend == "sqlite" {
+            "rtc_timestamp"
+        } else {
+            "extract(epoch from rtc_time) * 1000"
+        };
+        let rows = databases
+            .query(
+                backend,
+                &format!(
+                    "SELECT {time} AS at, bitrate_bps, packet_loss_percent, jitter_buffer_delay_ms \
+                     FROM rtc_inbound_rtp_rates ORDER BY 1"
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), samples.len(), "{backend}");
+        for (row, sample) in rows.iter().zip(&samples) {
+            let offset = sample.offset_ms;
+            let close = |column: &str, expected: Option<f64>| {
+                let got = row[column].as_f64();
+                match (got, expected) {
+                    (None, None) => {}
+                    (Some(got), Some(expected)) => assert!(
+                        (got - expected).abs() < 1e-6,
+                        "{backend} at +{offset} ms: {column} = {got}, expected {expected}"
+                    ),
+                    _ => panic!(
+                        "{backend} at +{offset} ms: {column} = {got:?}, expected {expected:?}"
+                    ),
+                }
+            };
+            assert!((row["at"].as_f64().unwrap() - (start + offset)).abs() < 1.0);
+            close("bitrate_bps", sample.bitrate_bps);
+            close("packet_loss_percent", sample.loss_percent);
+            // 0.05 s of buffer delay per emitted packet → 50 ms whenever packets flowed.
+            close("jitter_buffer_delay_ms", sample.bitrate_bps.map(|_| 50.0));
+        }
+    }
+}
