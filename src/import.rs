@@ -300,19 +300,11 @@ pub async fn run(
         tally: Tally::default(),
     };
     let read = tokio::task::spawn_blocking(move || reader.read_all(opened)).await;
-    let tally = match read {
-        Ok(tally) => tally,
-        Err(err) => {
-            pipeline.shutdown().await;
-            display.abort();
-            console.finish();
-            return Err(ImportError::Reader(err.to_string()));
-        }
-    };
-
+    // Whatever the reader managed to queue is flushed, even if it failed.
     pipeline.shutdown().await;
     display.abort();
     console.finish();
+    let tally = read.map_err(|err| ImportError::Reader(err.to_string()))?;
     let sinks = sink_names
         .into_iter()
         .map(|sink| {

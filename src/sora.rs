@@ -102,30 +102,7 @@ struct ObjectHead<'a> {
 
 /// Parses and validates one exporter body. `received_at` is when Kohaku got the request.
 pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
-    // Serde would read an array as the struct's fields in order, with baffling errors.
-    if body
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|first| *first != b'{')
-    {
-        return Err(InvalidReport::new(
-            "body",
-            "invalid JSON: the body must be one JSON object",
-        ));
-    }
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed: Body<'_> = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-        let field = err.path().to_string();
-        let field = if field == "." || field == "?" {
-            "body".to_owned()
-        } else {
-            field
-        };
-        InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
-    })?;
-    deserializer
-        .end()
-        .map_err(|err| InvalidReport::new("body", format!("invalid JSON: {err}")))?;
+    let parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
 
     let event_type = required(parsed.event_type, "type")?;
     if event_type != CONNECTION_USER_AGENT {
@@ -163,6 +140,40 @@ pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, 
         received_at,
         stats,
     })
+}
+
+/// Deserializes `bytes`, which must hold exactly one JSON object. Errors name the offending field as
+/// a path, or `whole` when the problem is the JSON as a whole; `what` names it in messages.
+fn deserialize_object<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    whole: &str,
+    what: &str,
+) -> Result<T, InvalidReport> {
+    // Serde would read an array as the struct's fields in order, with baffling errors.
+    if bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|first| *first != b'{')
+    {
+        return Err(InvalidReport::new(
+            whole,
+            format!("invalid JSON: {what} must be one JSON object"),
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let field = err.path().to_string();
+        let field = if field == "." || field == "?" {
+            whole.to_owned()
+        } else {
+            field
+        };
+        InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
+    })?;
+    deserializer
+        .end()
+        .map_err(|err| InvalidReport::new(whole, format!("invalid JSON: {err}")))?;
+    Ok(parsed)
 }
 
 /// The `type` of the log lines that carry one stats object each (PROTOCOL.md §2).
@@ -238,30 +249,7 @@ struct TypeOnly<'a> {
 /// Parses one line of a Sora log file (without its newline). Errors name the field as a path into
 /// the line, like [`parse_report`]'s.
 pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
-    if line
-        .iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|first| *first != b'{')
-    {
-        return Err(InvalidReport::new(
-            "line",
-            "invalid JSON: a log line must be one JSON object",
-        ));
-    }
-    let mut deserializer = serde_json::Deserializer::from_slice(line);
-    let parsed: LogLineBody<'_> =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-            let field = err.path().to_string();
-            let field = if field == "." || field == "?" {
-                "line".to_owned()
-            } else {
-                field
-            };
-            InvalidReport::new(field, format!("invalid JSON: {}", err.inner()))
-        })?;
-    deserializer
-        .end()
-        .map_err(|err| InvalidReport::new("line", format!("invalid JSON: {err}")))?;
+    let parsed: LogLineBody<'_> = deserialize_object(line, "line", "a log line")?;
 
     let line_type = match parsed.line_type {
         Some(line_type) => line_type,

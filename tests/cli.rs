@@ -4,20 +4,14 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
 
-fn kohaku() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kohaku"));
-    command.env_remove("KOHAKU_CONFIG").env_remove("RUST_LOG");
-    command
-}
-
 fn run(args: &[&str], cwd: &Path) -> Output {
-    kohaku()
+    kohaku_command()
         .args(args)
         .current_dir(cwd)
         .output()
@@ -171,7 +165,7 @@ struct Served {
 fn serve(dir: &Path, config: &str) -> Served {
     std::fs::write(dir.join("k.toml"), config).unwrap();
     let mut child = ChildGuard(
-        kohaku()
+        kohaku_command()
             .args(["serve", "--config", "k.toml"])
             .current_dir(dir)
             .stdout(Stdio::piped())

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -62,30 +61,23 @@ impl Dashboard {
             .unwrap_or_default()
     }
 
-    /// (panel title, query text, table format?) for every panel target.
-    fn queries(&self) -> Vec<(String, String, bool)> {
+    /// (panel title, query text) for every panel target.
+    fn queries(&self) -> Vec<(String, String)> {
         let mut queries = Vec::new();
         for panel in self.panels() {
             for target in panel["targets"].as_array().into_iter().flatten() {
-                let (sql, table) = if self.backend == "timescaledb" {
-                    (target["rawSql"].as_str(), target["format"] == "table")
+                let sql = if self.backend == "timescaledb" {
+                    target["rawSql"].as_str()
                 } else {
                     assert_eq!(
                         target["rawQueryText"], target["queryText"],
                         "{}: the SQLite plugin runs queryText",
                         panel["title"]
                     );
-                    (
-                        target["rawQueryText"].as_str(),
-                        target["queryType"] == "table",
-                    )
+                    target["rawQueryText"].as_str()
                 };
                 let sql = sql.unwrap_or_else(|| panic!("{}: no SQL", panel["title"]));
-                queries.push((
-                    panel["title"].as_str().unwrap().to_owned(),
-                    sql.to_owned(),
-                    table,
-                ));
+                queries.push((panel["title"].as_str().unwrap().to_owned(), sql.to_owned()));
             }
         }
         queries
@@ -411,9 +403,7 @@ impl Databases {
             ),
         }
         let output = tokio::task::block_in_place(|| {
-            Command::new(env!("CARGO_BIN_EXE_kohaku"))
-                .env_remove("KOHAKU_CONFIG")
-                .env_remove("RUST_LOG")
+            kohaku_command()
                 .args(["import", "--config"])
                 .arg(dir.path().join("kohaku.toml"))
                 .args(&files)
@@ -517,7 +507,7 @@ async fn run_all(
     let mut had_data: HashMap<(String, String), bool> = HashMap::new();
     for dashboard in dashboards().iter().filter(|d| d.backend == backend) {
         for (scope, render) in renders {
-            if !scope.is_empty() && !dashboard.uid().contains(scope.as_str()) {
+            if !dashboard.uid().contains(scope.as_str()) {
                 continue;
             }
             let mut queries = dashboard.queries();
@@ -528,10 +518,9 @@ async fn run_all(
                         .as_str()
                         .expect("variable query")
                         .to_owned(),
-                    true,
                 ));
             }
-            for (title, sql, _table) in queries {
+            for (title, sql) in queries {
                 let rendered = render.render(backend, &sql);
                 let rows = databases
                     .query(backend, &rendered)

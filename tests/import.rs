@@ -70,10 +70,8 @@ impl Setup {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kohaku"));
+        let mut command = kohaku_command();
         command
-            .env_remove("KOHAKU_CONFIG")
-            .env_remove("RUST_LOG")
             .current_dir(self.dir.path())
             .args(["import", "--config", "kohaku.toml"])
             .args(args);
@@ -367,11 +365,7 @@ async fn imports_the_fixture_logs_into_postgresql_once() {
         let rows = testkit::stored_rows(&url).await;
         assert_eq!(rows.len(), expected.len());
         for row in rows {
-            let key = (
-                row.connection_id.clone(),
-                row.rtc_id.clone(),
-                row.rtc_timestamp.to_bits(),
-            );
+            let key = row.key();
             let text = expected
                 .get(&key)
                 .unwrap_or_else(|| panic!("unexpected row {key:?}"));

@@ -55,19 +55,8 @@ async fn fixture_reports_are_stored_whole_in_sqlite() {
     assert_eq!(wait_for_sqlite_rows(&db, distinct, WAIT).await, distinct);
 
     let rows = sqlite_rows(&db);
-    let stored: std::collections::HashMap<(String, String, u64), &StoredRow> = rows
-        .iter()
-        .map(|row| {
-            (
-                (
-                    row.connection_id.clone(),
-                    row.rtc_id.clone(),
-                    row.rtc_timestamp.to_bits(),
-                ),
-                row,
-            )
-        })
-        .collect();
+    let stored: std::collections::HashMap<(String, String, u64), &StoredRow> =
+        rows.iter().map(|row| (row.key(), row)).collect();
     for report in &expected {
         for object in &report.objects {
             let key = (

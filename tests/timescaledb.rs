@@ -74,11 +74,7 @@ async fn reports_reach_postgres_and_sqlite_with_equal_json() {
     );
 
     for row in testkit::stored_rows(&url).await {
-        let key = (
-            row.connection_id.clone(),
-            row.rtc_id.clone(),
-            row.rtc_timestamp.to_bits(),
-        );
+        let key = row.key();
         let (rtc_type, json) = sent
             .get(&key)
             .unwrap_or_else(|| panic!("unexpected row {key:?}"));

@@ -18,6 +18,13 @@ use kohaku_sink::{RawValue, StatsSink};
 use serde::Deserialize;
 use serde_json::Value;
 
+/// The `kohaku` binary under test, unaffected by the caller's KOHAKU_CONFIG and RUST_LOG.
+pub fn kohaku_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kohaku"));
+    command.env_remove("KOHAKU_CONFIG").env_remove("RUST_LOG");
+    command
+}
+
 pub const EXPORTER_TYPE: (&str, &str) = ("x-sora-stats-exporter-type", "connection.user-agent");
 
 pub fn fixture_path(relative: &str) -> PathBuf {

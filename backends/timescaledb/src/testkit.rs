@@ -89,6 +89,17 @@ pub struct StoredRow {
     pub rtc_data: String,
 }
 
+impl StoredRow {
+    /// The idempotency key: `(connection_id, rtc_id, rtc_timestamp bits)`.
+    pub fn key(&self) -> (String, String, u64) {
+        (
+            self.connection_id.clone(),
+            self.rtc_id.clone(),
+            self.rtc_timestamp.to_bits(),
+        )
+    }
+}
+
 pub async fn stored_rows(url: &str) -> Vec<StoredRow> {
     use sqlx::Row;
     let pool = PgPool::connect(url)
