@@ -12,9 +12,12 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::exporter::ExporterRouter;
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, PipelineOptions, ShutdownSummary};
+use crate::pipeline::{
+    Intake, Pipeline, PipelineOptions, ShutdownSummary, SinkHealth, SpooledPipeline,
+};
 use crate::server::ingest::IngestRouter;
 use crate::server::{tls, HttpLimits, Server};
+use crate::spool::{Spool, SpoolError};
 
 /// The exporter only answers scrapes; it need not wait long for them at shutdown.
 const EXPORTER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
@@ -23,6 +26,8 @@ const EXPORTER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
     #[error("cannot listen on {addr} (`{key}`): {source}")]
     Bind {
         key: &'static str,
@@ -35,7 +40,7 @@ pub enum StartError {
 pub struct App {
     ingest_server: Server,
     exporter_server: Server,
-    pipeline: Pipeline,
+    pipeline: Delivery,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     shutdown_timeout: Duration,
@@ -61,24 +66,30 @@ impl App {
 
         let mut metrics = Metrics::new();
         metrics.register_sink_counters(&sinks);
-        let metrics = Arc::new(metrics);
         let sink_names = sinks
             .iter()
             .map(|sink| sink.name())
             .collect::<Vec<_>>()
             .join(",");
-        let pipeline = Pipeline::start(
-            sinks,
-            PipelineOptions::from(&config.pipeline),
-            Arc::clone(&metrics),
-        );
+        let options = PipelineOptions::from(&config.pipeline);
+        let pipeline = match &config.spool {
+            Some(spool) => {
+                let spool = Spool::open(&spool.options())?;
+                metrics.register_spool(spool.monitor());
+                let metrics = Arc::new(metrics);
+                Delivery::Spool(SpooledPipeline::start(sinks, options, spool, metrics))
+            }
+            None => Delivery::Queue(Pipeline::start(sinks, options, Arc::new(metrics))),
+        };
+        let metrics = pipeline.metrics();
         let ready = Arc::new(AtomicBool::new(true));
 
         let ingest_router = Arc::new(IngestRouter {
-            ingest: pipeline.ingest(),
+            intake: pipeline.intake(),
             health: pipeline.health(),
             metrics: Arc::clone(&metrics),
             max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
         });
         let limits = HttpLimits {
             max_concurrent_streams: config.server.http2_max_concurrent_streams,
@@ -171,6 +182,39 @@ impl App {
             tracing::info!("shutdown finished; every accepted stats object was written");
         }
         summary
+    }
+}
+
+/// The in-memory queue, or the durable spool when `[spool]` is configured.
+enum Delivery {
+    Queue(Pipeline),
+    Spool(SpooledPipeline),
+}
+
+impl Delivery {
+    fn intake(&self) -> Intake {
+        match self {
+            Self::Queue(pipeline) => Intake::Queue(pipeline.ingest()),
+            Self::Spool(pipeline) => pipeline.intake(),
+        }
+    }
+
+    fn health(&self) -> SinkHealth {
+        match self {
+            Self::Queue(pipeline) => pipeline.health(),
+            Self::Spool(pipeline) => pipeline.health(),
+        }
+    }
+
+    fn metrics(&self) -> Arc<Metrics> {
+        self.health().metrics()
+    }
+
+    async fn shutdown(self) -> ShutdownSummary {
+        match self {
+            Self::Queue(pipeline) => pipeline.shutdown().await,
+            Self::Spool(pipeline) => pipeline.shutdown().await,
+        }
     }
 }
 

@@ -55,6 +55,9 @@ pub struct Config {
     pub exporter: ExporterConfig,
     pub log: LogConfig,
     pub pipeline: PipelineConfig,
+    /// Absent → accepted reports wait in memory only (see the README's "Delivery guarantees").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolConfig>,
     /// Absent → one SQLite sink at `./kohaku.db`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sinks: Option<SinksConfig>,
@@ -80,6 +83,9 @@ pub struct ServerConfig {
     /// Seconds without an open stream after which a connection is closed; 0 never closes it.
     pub http2_idle_timeout: u64,
     pub max_body_bytes: u64,
+    /// A request body must arrive completely within this time after its headers, so that slow or
+    /// stalled senders cannot hold connections and memory.
+    pub body_read_timeout_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +101,7 @@ impl Default for ServerConfig {
             http2_max_read_frame_size: 1024 * 1024,
             http2_idle_timeout: 60,
             max_body_bytes: 8 * 1024 * 1024,
+            body_read_timeout_secs: 30,
         }
     }
 }
@@ -171,6 +178,50 @@ impl Default for PipelineConfig {
             shutdown_timeout_secs: 30,
             retry_initial_backoff_ms: 100,
             retry_max_backoff_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncMode {
+    Always,
+    Interval,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// Bytes of spooled reports kept on disk at most; beyond it requests get 503.
+    pub max_bytes: u64,
+    pub fsync: FsyncMode,
+    /// With `fsync = "interval"`: the longest time an acknowledged report may sit unsynced.
+    pub fsync_interval_ms: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("kohaku-spool"),
+            max_bytes: 1 << 30,
+            fsync: FsyncMode::Always,
+            fsync_interval_ms: 200,
+        }
+    }
+}
+
+impl SpoolConfig {
+    pub fn options(&self) -> crate::spool::SpoolOptions {
+        crate::spool::SpoolOptions {
+            dir: self.dir.clone(),
+            max_bytes: self.max_bytes,
+            fsync: match self.fsync {
+                FsyncMode::Always => crate::spool::FsyncPolicy::Always,
+                FsyncMode::Interval => crate::spool::FsyncPolicy::Interval(
+                    std::time::Duration::from_millis(self.fsync_interval_ms),
+                ),
+            },
         }
     }
 }
@@ -446,6 +497,43 @@ impl Config {
             ));
         }
 
+        if server.max_body_bytes > crate::spool::record::MAX_PAYLOAD_LEN as u64 / 2 {
+            return Err(invalid(
+                "server.max_body_bytes",
+                format!(
+                    "must be at most {} (512 MiB)",
+                    crate::spool::record::MAX_PAYLOAD_LEN / 2
+                ),
+            ));
+        }
+        if server.body_read_timeout_secs == 0 {
+            return Err(invalid(
+                "server.body_read_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+
+        if let Some(spool) = &self.spool {
+            if spool.dir.as_os_str().is_empty() {
+                return Err(invalid("spool.dir", "must not be empty".into()));
+            }
+            if spool.max_bytes < server.max_body_bytes.saturating_mul(2) {
+                return Err(invalid(
+                    "spool.max_bytes",
+                    format!(
+                        "{} is less than twice server.max_body_bytes ({}): the spool must hold the largest report with room to spare",
+                        spool.max_bytes, server.max_body_bytes
+                    ),
+                ));
+            }
+            if spool.fsync == FsyncMode::Interval && spool.fsync_interval_ms == 0 {
+                return Err(invalid(
+                    "spool.fsync_interval_ms",
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+
         if let Some(sinks) = &self.sinks {
             if *sinks == SinksConfig::default() {
                 return Err(invalid(
@@ -656,6 +744,12 @@ mod tests {
         documented.server.https = false;
         documented.exporter.https = false;
         documented.log.dir = None;
+        // [spool] is off by default; the example shows it commented out with its defaults.
+        assert_eq!(
+            documented.spool.take(),
+            Some(SpoolConfig::default()),
+            "config.example.toml shows a [spool] value that is not the default"
+        );
         // The example shows a commented-out [sinks.timescaledb] beside the default SQLite sink.
         let timescaledb = documented
             .sinks

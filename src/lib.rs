@@ -14,3 +14,4 @@ pub mod pipeline;
 pub mod server;
 pub mod sinks;
 pub mod sora;
+pub mod spool;

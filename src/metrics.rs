@@ -200,6 +200,12 @@ impl Metrics {
         }));
     }
 
+    /// Exports the spool's size and each sink's oldest unsent report, read at each scrape.
+    pub fn register_spool(&mut self, monitor: crate::spool::SpoolMonitor) {
+        self.registry
+            .register_collector(Box::new(SpoolGauges { monitor }));
+    }
+
     /// The OpenMetrics text exposition, which Prometheus scrapes natively.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -249,6 +255,59 @@ impl Collector for SinkCounters {
                 let labels = SinkLabels { sink };
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the spool's state at scrape time, so ages are current rather than last-set.
+struct SpoolGauges {
+    monitor: crate::spool::SpoolMonitor,
+}
+
+impl std::fmt::Debug for SpoolGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpoolGauges")
+    }
+}
+
+impl Collector for SpoolGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let status = self.monitor.status();
+        let gauges: [(&str, &str, i64); 3] = [
+            (
+                "spool_bytes",
+                "Bytes of reports in the spool: accepted and not yet stored by every sink",
+                i64::try_from(status.bytes).unwrap_or(i64::MAX),
+            ),
+            (
+                "spool_max_bytes",
+                "spool.max_bytes: beyond it requests get 503",
+                i64::try_from(status.max_bytes).unwrap_or(i64::MAX),
+            ),
+            (
+                "spool_segments",
+                "Segment files in the spool",
+                i64::try_from(status.segments).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            ConstGauge::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "spool_oldest_unsent_seconds",
+            "Per sink: age of the oldest accepted report it has not stored yet (0 when caught up)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (sink, age) in status.oldest_unsent_seconds {
+            ConstGauge::new(age).encode(family.encode_family(&SinkLabels { sink })?)?;
         }
         Ok(())
     }

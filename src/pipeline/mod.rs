@@ -7,6 +7,7 @@
 //! for a slow sink, or being retried.
 
 mod backoff;
+mod spooled;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,9 +18,11 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError}
 use tokio::task::JoinHandle;
 
 pub use backoff::Backoff;
+pub use spooled::SpooledPipeline;
 
 use crate::config::PipelineConfig;
 use crate::metrics::Metrics;
+use crate::spool::{AppendError, SpoolAppender, SpoolMonitor};
 
 /// How long a health probe may take before the sink counts as unhealthy.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -137,6 +140,43 @@ fn queued_rows(permits: &Semaphore, capacity: u32) -> i64 {
     i64::from(capacity) - permits.available_permits() as i64
 }
 
+/// Why [`Intake::accept`] refused a report.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptError {
+    #[error(transparent)]
+    Queue(#[from] SubmitError),
+    #[error(transparent)]
+    Spool(#[from] AppendError),
+}
+
+/// Where the ingest handler puts an accepted report: the in-memory queue, or the durable spool.
+#[derive(Clone)]
+pub enum Intake {
+    Queue(Ingest),
+    Spool {
+        appender: SpoolAppender,
+        metrics: Arc<Metrics>,
+    },
+}
+
+impl Intake {
+    /// `Ok` means the report is accepted (in the queue, or on disk in the spool): answer 204.
+    /// `body` is the request body `report` was parsed from; the spool keeps it as received.
+    pub async fn accept(&self, report: Report, body: bytes::Bytes) -> Result<(), AcceptError> {
+        match self {
+            Self::Queue(ingest) => Ok(ingest.submit(report)?),
+            Self::Spool { appender, metrics } => {
+                appender.append(report.received_at, body).await?;
+                metrics.reports_received.inc();
+                metrics
+                    .stats_objects_received
+                    .inc_by(report.row_count() as u64);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A batch on its way to every sink. Its rows leave the queue when the last sink drops it.
 struct InFlight {
     batch: StatsBatch,
@@ -176,9 +216,18 @@ pub struct SinkStatus {
 pub struct SinkHealth {
     states: Arc<Vec<Arc<SinkState>>>,
     metrics: Arc<Metrics>,
+    spool: Option<SpoolMonitor>,
 }
 
 impl SinkHealth {
+    pub fn spool(&self) -> Option<&SpoolMonitor> {
+        self.spool.as_ref()
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
     /// Probes every sink concurrently. A sink whose writes are failing is unhealthy even if a
     /// probe happens to pass.
     pub async fn check(&self) -> Vec<SinkStatus> {
@@ -269,20 +318,16 @@ impl Pipeline {
         let mut sink_senders = Vec::new();
         let mut workers = Vec::new();
         for sink in sinks {
-            let state = Arc::new(SinkState {
+            let worker = SinkWorker::new(
                 sink,
-                failing: AtomicBool::new(false),
-                last_error: Mutex::new(None),
-            });
-            metrics.register_sink(state.sink.name());
+                &options,
+                give_up_rx.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&dropped_rows),
+                false,
+            );
+            let state = Arc::clone(&worker.state);
             let (batch_sender, batch_receiver) = mpsc::unbounded_channel();
-            let worker = SinkWorker {
-                state: Arc::clone(&state),
-                backoff: options.backoff.clone(),
-                give_up: give_up_rx.clone(),
-                metrics: Arc::clone(&metrics),
-                dropped_rows: Arc::clone(&dropped_rows),
-            };
             workers.push(tokio::spawn(worker.run(batch_receiver)));
             sink_senders.push(batch_sender);
             states.push(state);
@@ -308,6 +353,7 @@ impl Pipeline {
             health: SinkHealth {
                 states: Arc::new(states),
                 metrics,
+                spool: None,
             },
             closing,
             give_up,
@@ -453,12 +499,16 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Writes batches to one sink: retries transient failures forever (until shutdown gives up),
+/// never retries permanent ones.
 struct SinkWorker {
     state: Arc<SinkState>,
     backoff: Backoff,
     give_up: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     dropped_rows: Arc<AtomicU64>,
+    /// Rows abandoned at shutdown stay in the spool for the next start rather than being lost.
+    spooled: bool,
 }
 
 enum Attempt {
@@ -467,7 +517,39 @@ enum Attempt {
     GaveUp,
 }
 
+/// How a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivered {
+    /// Every row is stored, or was refused permanently and counted.
+    Done,
+    /// Shutdown's deadline passed while retrying.
+    GaveUp,
+}
+
 impl SinkWorker {
+    fn new(
+        sink: Arc<dyn StatsSink>,
+        options: &PipelineOptions,
+        give_up: watch::Receiver<bool>,
+        metrics: Arc<Metrics>,
+        dropped_rows: Arc<AtomicU64>,
+        spooled: bool,
+    ) -> Self {
+        metrics.register_sink(sink.name());
+        Self {
+            state: Arc::new(SinkState {
+                sink,
+                failing: AtomicBool::new(false),
+                last_error: Mutex::new(None),
+            }),
+            backoff: options.backoff.clone(),
+            give_up,
+            metrics,
+            dropped_rows,
+            spooled,
+        }
+    }
+
     fn name(&self) -> &str {
         self.state.sink.name()
     }
@@ -476,6 +558,10 @@ impl SinkWorker {
         while let Some(in_flight) = receiver.recv().await {
             self.deliver(&in_flight.batch).await;
         }
+        self.close().await;
+    }
+
+    async fn close(&self) {
         match self.state.sink.close().await {
             Ok(()) => tracing::info!(sink = self.name(), "sink closed"),
             Err(err) => {
@@ -486,20 +572,24 @@ impl SinkWorker {
 
     /// Writes the batch. When the sink refuses it permanently, writes its reports one by one so
     /// that one bad report does not cost the others.
-    async fn deliver(&self, batch: &StatsBatch) {
+    async fn deliver(&self, batch: &StatsBatch) -> Delivered {
         match self.write_retrying(batch).await {
-            Attempt::Written | Attempt::GaveUp => {}
+            Attempt::Written => {}
+            Attempt::GaveUp => return Delivered::GaveUp,
             Attempt::Permanent(err) if batch.reports().len() > 1 => {
                 tracing::warn!(sink = self.name(), error = %err.detailed(), reports = batch.reports().len(), "batch refused; writing its reports one by one");
                 for report in batch.reports() {
                     let single = StatsBatch::new(vec![Arc::clone(report)]);
-                    if let Attempt::Permanent(err) = self.write_retrying(&single).await {
-                        self.drop_rows(&single, &err);
+                    match self.write_retrying(&single).await {
+                        Attempt::Written => {}
+                        Attempt::Permanent(err) => self.drop_rows(&single, &err),
+                        Attempt::GaveUp => return Delivered::GaveUp,
                     }
                 }
             }
             Attempt::Permanent(err) => self.drop_rows(batch, &err),
         }
+        Delivered::Done
     }
 
     fn drop_rows(&self, batch: &StatsBatch, err: &SinkError) {
@@ -593,6 +683,14 @@ impl SinkWorker {
     }
 
     fn abandon(&self, batch: &StatsBatch) {
+        if self.spooled {
+            tracing::warn!(
+                sink = self.name(),
+                rows = batch.row_count(),
+                "shutdown timeout: rows left in the spool; they are written at the next start"
+            );
+            return;
+        }
         tracing::error!(
             sink = self.name(),
             rows = batch.row_count(),

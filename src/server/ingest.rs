@@ -12,8 +12,9 @@ use kohaku_sink::OffsetDateTime;
 
 use super::{response, HttpResponse, Router};
 use crate::metrics::{Metrics, RequestLabels};
-use crate::pipeline::{Ingest, SinkHealth, SubmitError};
+use crate::pipeline::{AcceptError, Intake, SinkHealth, SubmitError};
 use crate::sora::{check_exporter_type, parse_report, EXPORTER_TYPE_HEADER};
+use crate::spool::AppendError;
 
 pub const COLLECTOR_PATH: &str = "/collector";
 pub const HEALTH_PATH: &str = "/.ok";
@@ -21,10 +22,11 @@ pub const HEALTH_PATH: &str = "/.ok";
 const RETRY_AFTER_SECS: &str = "1";
 
 pub struct IngestRouter {
-    pub ingest: Ingest,
+    pub intake: Intake,
     pub health: SinkHealth,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: u64,
+    pub body_read_timeout: std::time::Duration,
 }
 
 #[async_trait]
@@ -91,7 +93,18 @@ impl IngestRouter {
         }
 
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let body = match Limited::new(request.into_body(), limit).collect().await {
+        let reading = Limited::new(request.into_body(), limit).collect();
+        let Ok(read) = tokio::time::timeout(self.body_read_timeout, reading).await else {
+            return refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "body",
+                &format!(
+                    "the body did not arrive within {} s (server.body_read_timeout_secs)",
+                    self.body_read_timeout.as_secs()
+                ),
+            );
+        };
+        let body = match read {
             Ok(collected) => collected.to_bytes(),
             Err(err) if err.is::<http_body_util::LengthLimitError>() => return self.too_large(),
             Err(err) => {
@@ -111,12 +124,12 @@ impl IngestRouter {
         let channel_id = report.connection.channel_id.clone();
         let connection_id = report.connection.connection_id.clone();
         let objects = report.row_count();
-        match self.ingest.submit(report) {
+        match self.intake.accept(report, body).await {
             Ok(()) => {
                 tracing::debug!(channel_id, connection_id, objects, "report queued");
                 response::empty(StatusCode::NO_CONTENT)
             }
-            Err(SubmitError::QueueFull) => {
+            Err(AcceptError::Queue(SubmitError::QueueFull)) => {
                 tracing::debug!(
                     channel_id,
                     connection_id,
@@ -128,11 +141,23 @@ impl IngestRouter {
                     "the queue is full (pipeline.queue_max_rows); retry later",
                 )
             }
-            Err(SubmitError::Closed) => {
-                unavailable("server", "Kohaku is shutting down; retry later")
-            }
-            Err(err @ SubmitError::TooLarge { .. }) => {
+            Err(
+                AcceptError::Queue(SubmitError::Closed) | AcceptError::Spool(AppendError::Closed),
+            ) => unavailable("server", "Kohaku is shutting down; retry later"),
+            Err(AcceptError::Queue(err @ SubmitError::TooLarge { .. })) => {
                 refuse(StatusCode::PAYLOAD_TOO_LARGE, "stats", &err.to_string())
+            }
+            Err(AcceptError::Spool(err @ AppendError::Full { .. })) => {
+                tracing::debug!(
+                    channel_id,
+                    connection_id,
+                    objects,
+                    "spool full; answering 503"
+                );
+                unavailable("spool", &format!("{err}; retry later"))
+            }
+            Err(AcceptError::Spool(err @ AppendError::Write(_))) => {
+                unavailable("spool", &format!("{err}; retry later"))
             }
         }
     }
@@ -170,14 +195,15 @@ pub async fn health_response(health: &SinkHealth) -> HttpResponse {
         .filter(|sink| !sink.healthy)
         .map(|sink| sink.sink.as_str())
         .collect();
-    response::json(
-        status,
-        &serde_json::json!({
-            "status": if healthy { "ok" } else { "unavailable" },
-            "failing": failing,
-            "sinks": sinks,
-        }),
-    )
+    let mut answer = serde_json::json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "failing": failing,
+        "sinks": sinks,
+    });
+    if let Some(spool) = health.spool() {
+        answer["spool"] = serde_json::to_value(spool.status()).unwrap_or_default();
+    }
+    response::json(status, &answer)
 }
 
 fn refuse(status: StatusCode, field: &str, message: &str) -> HttpResponse {

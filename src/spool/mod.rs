@@ -1,0 +1,640 @@
+//! The durable spool: every accepted report is appended to a segment file (and, with
+//! `fsync = "always"`, synced) before Sora gets its 204; each sink reads the spool at its own
+//! cursor, so a sink that is down holds back only itself, and whatever a sink had not confirmed
+//! when Kohaku stopped or crashed is replayed at the next start.
+//!
+//! Layout of `spool.dir`: `lock` (held while a Kohaku uses the directory), segment files
+//! `<20-digit id>.seg` ([`record`] format), and one `cursor-<sink>` file per sink holding the
+//! position up to which that sink has stored everything. A segment is deleted once every sink's
+//! cursor has passed it.
+
+pub mod reader;
+pub mod record;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kohaku_sink::OffsetDateTime;
+use tokio::sync::{oneshot, watch};
+
+pub use reader::{SpoolBatch, SpoolReader};
+use record::{HEADER_LEN, SEGMENT_MAGIC};
+
+const SEGMENT_SUFFIX: &str = ".seg";
+const CURSOR_PREFIX: &str = "cursor-";
+/// Appends written (and synced) together at most; more wait for the next round.
+const MAX_GROUP: usize = 4096;
+/// Segments are a fraction of the spool so that space comes back in steps while sinks catch up.
+const SEGMENTS_PER_SPOOL: u64 = 16;
+const MIN_SEGMENT_BYTES: u64 = 4096;
+const MAX_SEGMENT_BYTES: u64 = 128 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Sync before answering: an acknowledged report survives a power loss.
+    Always,
+    /// Sync at most this often: an acknowledged report survives a Kohaku crash (it is in the
+    /// operating system's cache) but not a power loss within the interval.
+    Interval(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub fsync: FsyncPolicy,
+}
+
+impl SpoolOptions {
+    fn segment_bytes(&self) -> u64 {
+        (self.max_bytes / SEGMENTS_PER_SPOOL).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES)
+    }
+}
+
+/// A place in the spool: the byte offset of a record within a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool.dir {dir}: {action}: {source}")]
+    Io {
+        dir: PathBuf,
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spool.dir {0} is in use by another Kohaku process (its `lock` file is locked)")]
+    Locked(PathBuf),
+    #[error("spool segment {0} was not written by this version of Kohaku (unknown header); move it away to start")]
+    Foreign(PathBuf),
+}
+
+fn io_error(dir: &Path, action: impl Into<String>) -> impl FnOnce(std::io::Error) -> SpoolError {
+    let dir = dir.to_path_buf();
+    let action = action.into();
+    move |source| SpoolError::Io {
+        dir,
+        action,
+        source,
+    }
+}
+
+/// Why an append was refused. Nothing is written in either case.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    #[error("the spool is full ({max_bytes} bytes, spool.max_bytes) while a sink catches up")]
+    Full { max_bytes: u64 },
+    #[error("cannot write the spool: {0}")]
+    Write(String),
+    #[error("the spool is closed")]
+    Closed,
+}
+
+/// Per-sink progress, shared by the sink's reader and the metrics and health answers.
+#[derive(Debug, Clone, Copy)]
+struct SinkProgress {
+    acked: Position,
+    /// When the oldest report the sink has read but not stored was received.
+    oldest_unsent: Option<OffsetDateTime>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Bytes on disk in segments, plus appends reserved and not yet written.
+    bytes: AtomicU64,
+    segments: Mutex<BTreeSet<u64>>,
+    /// The end of what is written (and synced, per policy): readers read up to it.
+    committed: watch::Sender<Position>,
+    sinks: Mutex<BTreeMap<String, SinkProgress>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Shared {
+    fn segment_path(&self, id: u64) -> PathBuf {
+        segment_path(&self.dir, id)
+    }
+
+    fn cursor_path(&self, sink: &str) -> PathBuf {
+        self.dir.join(format!("{CURSOR_PREFIX}{sink}"))
+    }
+
+    /// Deletes every segment all sinks have passed. The active segment is never below a cursor.
+    fn collect_garbage(&self) {
+        let oldest_needed = lock(&self.sinks)
+            .values()
+            .map(|progress| progress.acked.segment)
+            .min();
+        let Some(oldest_needed) = oldest_needed else {
+            return;
+        };
+        let done: Vec<u64> = lock(&self.segments)
+            .range(..oldest_needed)
+            .copied()
+            .collect();
+        for id in done {
+            let path = self.segment_path(id);
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    lock(&self.segments).remove(&id);
+                    self.bytes.fetch_sub(size, Ordering::SeqCst);
+                    tracing::debug!(
+                        segment = id,
+                        bytes = size,
+                        "spool segment delivered to every sink; deleted"
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!(segment = %path.display(), error = %err, "cannot delete a delivered spool segment; will retry");
+                }
+            }
+        }
+    }
+
+    fn next_segment_after(&self, id: u64) -> Option<u64> {
+        lock(&self.segments)
+            .range(id.saturating_add(1)..)
+            .next()
+            .copied()
+    }
+
+    fn first_segment(&self) -> Option<u64> {
+        lock(&self.segments).iter().next().copied()
+    }
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}{SEGMENT_SUFFIX}"))
+}
+
+/// What the spool holds right now, for `/health` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpoolStatus {
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub segments: usize,
+    /// Per sink: seconds since the oldest report it has not yet stored was received (0 when it
+    /// has stored everything it has read).
+    pub oldest_unsent_seconds: BTreeMap<String, f64>,
+}
+
+/// Reads the spool's state; cheap to clone.
+#[derive(Clone)]
+pub struct SpoolMonitor {
+    shared: Arc<Shared>,
+}
+
+impl SpoolMonitor {
+    pub fn status(&self) -> SpoolStatus {
+        let now = OffsetDateTime::now_utc();
+        let oldest_unsent_seconds = lock(&self.shared.sinks)
+            .iter()
+            .map(|(sink, progress)| {
+                let age = progress
+                    .oldest_unsent
+                    .map(|at| (now - at).as_seconds_f64().max(0.0))
+                    .unwrap_or(0.0);
+                (sink.clone(), age)
+            })
+            .collect();
+        SpoolStatus {
+            bytes: self.shared.bytes.load(Ordering::SeqCst),
+            max_bytes: self.shared.max_bytes,
+            segments: lock(&self.shared.segments).len(),
+            oldest_unsent_seconds,
+        }
+    }
+}
+
+enum Message {
+    Append {
+        received_at: OffsetDateTime,
+        body: Bytes,
+        reserved: u64,
+        done: oneshot::Sender<Result<(), AppendError>>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+/// The handlers' side of the spool. Cheap to clone.
+#[derive(Clone)]
+pub struct SpoolAppender {
+    shared: Arc<Shared>,
+    sender: std_mpsc::Sender<Message>,
+}
+
+impl SpoolAppender {
+    /// Appends one exporter body. `Ok` means it is on disk (synced, with `fsync = "always"`).
+    pub async fn append(
+        &self,
+        received_at: OffsetDateTime,
+        body: Bytes,
+    ) -> Result<(), AppendError> {
+        let reserved = record::encoded_len(body.len()) as u64;
+        let max_bytes = self.shared.max_bytes;
+        self.shared
+            .bytes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
+                used.checked_add(reserved)
+                    .filter(|total| *total <= max_bytes)
+            })
+            .map_err(|_| AppendError::Full { max_bytes })?;
+        let (done, answer) = oneshot::channel();
+        let message = Message::Append {
+            received_at,
+            body,
+            reserved,
+            done,
+        };
+        if self.sender.send(message).is_err() {
+            self.shared.bytes.fetch_sub(reserved, Ordering::SeqCst);
+            return Err(AppendError::Closed);
+        }
+        // The writer answers every append it takes, and releases the reservation itself on error.
+        answer.await.unwrap_or(Err(AppendError::Closed))
+    }
+}
+
+/// An open spool directory.
+pub struct Spool {
+    shared: Arc<Shared>,
+    sender: std_mpsc::Sender<Message>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    /// Held for the spool's lifetime: the OS releases the lock when the process dies.
+    _lock: File,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool: takes its lock, repairs a segment torn by a crash, and starts
+    /// a fresh segment for this run's appends.
+    pub fn open(options: &SpoolOptions) -> Result<Self, SpoolError> {
+        let dir = options.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(io_error(&dir, "cannot create the directory"))?;
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(io_error(&dir, "cannot open the lock file"))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked(dir)),
+            Err(std::fs::TryLockError::Error(err)) => {
+                return Err(io_error(&dir, "cannot lock the lock file")(err))
+            }
+        }
+
+        let mut segments = list_segments(&dir)?;
+        if let Some(&last) = segments.last() {
+            if !repair_tail(&segment_path(&dir, last))? {
+                segments.pop();
+            }
+        }
+        let mut bytes = 0;
+        for id in &segments {
+            bytes += std::fs::metadata(segment_path(&dir, *id))
+                .map_err(io_error(&dir, format!("cannot read segment {id}")))?
+                .len();
+        }
+        let active = segments.last().map_or(1, |last| last + 1);
+        let file = create_segment(&dir, active)?;
+        bytes += HEADER_LEN;
+        let mut segment_set: BTreeSet<u64> = segments.iter().copied().collect();
+        segment_set.insert(active);
+        if segments.is_empty() {
+            tracing::info!(dir = %dir.display(), max_bytes = options.max_bytes, "spool opened (empty)");
+        } else {
+            tracing::info!(
+                dir = %dir.display(),
+                segments = segments.len(),
+                bytes,
+                max_bytes = options.max_bytes,
+                "spool opened; sinks will replay what they had not stored"
+            );
+        }
+
+        let start = Position {
+            segment: active,
+            offset: HEADER_LEN,
+        };
+        let (committed, _) = watch::channel(start);
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            max_bytes: options.max_bytes,
+            bytes: AtomicU64::new(bytes),
+            segments: Mutex::new(segment_set),
+            committed,
+            sinks: Mutex::new(BTreeMap::new()),
+        });
+        let (sender, receiver) = std_mpsc::channel();
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            fsync: options.fsync,
+            segment_bytes: options.segment_bytes(),
+            file,
+            position: start,
+            unsynced: false,
+            broken: false,
+            buffer: Vec::new(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("kohaku-spool".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(io_error(&dir, "cannot start the spool writer thread"))?;
+        Ok(Self {
+            shared,
+            sender,
+            writer: Some(writer),
+            _lock: lock_file,
+        })
+    }
+
+    pub fn appender(&self) -> SpoolAppender {
+        SpoolAppender {
+            shared: Arc::clone(&self.shared),
+            sender: self.sender.clone(),
+        }
+    }
+
+    pub fn monitor(&self) -> SpoolMonitor {
+        SpoolMonitor {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// One reader per sink, each starting where that sink's cursor says it stopped (the oldest
+    /// segment when it has none, so a sink added later receives everything still spooled).
+    /// All sinks are registered together: a segment is deleted only once every one of them has
+    /// passed it, so none may start late.
+    pub fn readers(&self, sinks: &[&str]) -> Vec<SpoolReader> {
+        sinks
+            .iter()
+            .map(|sink| SpoolReader::new(Arc::clone(&self.shared), sink))
+            .collect()
+    }
+
+    /// Writes and syncs every append already taken, then refuses further ones. Readers keep
+    /// reading up to the final end.
+    pub async fn close_writer(&mut self) {
+        let (done, closed) = oneshot::channel();
+        if self.sender.send(Message::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let (done, _) = oneshot::channel();
+        let _ = self.sender.send(Message::Close(done));
+    }
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir, "cannot list the directory"))? {
+        let entry = entry.map_err(io_error(dir, "cannot list the directory"))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = name
+            .strip_suffix(SEGMENT_SUFFIX)
+            .and_then(|stem| stem.parse::<u64>().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Cuts a torn or corrupt tail off the last segment (what a crash mid-append leaves). Returns
+/// false when the segment held nothing usable and was removed.
+fn repair_tail(path: &Path) -> Result<bool, SpoolError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let bytes =
+        std::fs::read(path).map_err(io_error(dir, format!("cannot read {}", path.display())))?;
+    if bytes.len() < SEGMENT_MAGIC.len() {
+        tracing::warn!(segment = %path.display(), bytes = bytes.len(), "spool segment cut short before its header (crash while creating it); removed");
+        std::fs::remove_file(path)
+            .map_err(io_error(dir, format!("cannot remove {}", path.display())))?;
+        return Ok(false);
+    }
+    if &bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+        return Err(SpoolError::Foreign(path.to_path_buf()));
+    }
+    let records = &bytes[SEGMENT_MAGIC.len()..];
+    let (spans, stopped) = record::scan(records);
+    if let Some(reason) = stopped {
+        let valid = HEADER_LEN + spans.last().map_or(0, |span| span.end as u64);
+        tracing::warn!(
+            segment = %path.display(),
+            intact_records = spans.len(),
+            discarded_bytes = bytes.len() as u64 - valid,
+            reason = %reason,
+            "spool segment ends in a torn record (crash mid-write); keeping the intact records"
+        );
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_error(dir, format!("cannot open {}", path.display())))?;
+        file.set_len(valid)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error(dir, format!("cannot truncate {}", path.display())))?;
+    }
+    Ok(true)
+}
+
+fn create_segment(dir: &Path, id: u64) -> Result<File, SpoolError> {
+    let path = segment_path(dir, id);
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(io_error(dir, format!("cannot create {}", path.display())))?;
+    file.write_all(SEGMENT_MAGIC)
+        .and_then(|()| file.sync_data())
+        .map_err(io_error(dir, format!("cannot write {}", path.display())))?;
+    // The new name must survive a crash too, or the records in it would be lost with it.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir, "cannot sync the directory"))?;
+    Ok(file)
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    fsync: FsyncPolicy,
+    segment_bytes: u64,
+    file: File,
+    position: Position,
+    unsynced: bool,
+    /// A write failed midway: the next append starts a new segment rather than trusting the tail.
+    broken: bool,
+    buffer: Vec<u8>,
+}
+
+type Waiting = (u64, oneshot::Sender<Result<(), AppendError>>);
+
+impl Writer {
+    fn run(mut self, receiver: std_mpsc::Receiver<Message>) {
+        let mut closed: Option<oneshot::Sender<()>> = None;
+        let mut last_sync = Instant::now();
+        while closed.is_none() {
+            let first = match self.fsync {
+                FsyncPolicy::Always => receiver.recv().ok(),
+                FsyncPolicy::Interval(interval) if self.unsynced => {
+                    let wait = interval.saturating_sub(last_sync.elapsed());
+                    match receiver.recv_timeout(wait) {
+                        Ok(message) => Some(message),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                            self.sync();
+                            last_sync = Instant::now();
+                            continue;
+                        }
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+                FsyncPolicy::Interval(_) => receiver.recv().ok(),
+            };
+            let Some(first) = first else { break };
+            let mut waiting: Vec<Waiting> = Vec::new();
+            let mut message = Some(first);
+            while let Some(current) = message.take() {
+                match current {
+                    Message::Append {
+                        received_at,
+                        body,
+                        reserved,
+                        done,
+                    } => {
+                        if let Err(err) = self.append(received_at, &body) {
+                            self.fail(reserved, done, &err);
+                        } else {
+                            waiting.push((reserved, done));
+                        }
+                    }
+                    Message::Close(done) => {
+                        closed = Some(done);
+                        break;
+                    }
+                }
+                if waiting.len() < MAX_GROUP {
+                    message = receiver.try_recv().ok();
+                }
+            }
+            let result = self.flush().and_then(|()| match self.fsync {
+                FsyncPolicy::Always => self.file.sync_data(),
+                FsyncPolicy::Interval(interval) => {
+                    self.unsynced = true;
+                    if last_sync.elapsed() >= interval {
+                        last_sync = Instant::now();
+                        self.sync();
+                    }
+                    Ok(())
+                }
+            });
+            match result {
+                Ok(()) => {
+                    self.shared.committed.send_replace(self.position);
+                    for (_, done) in waiting {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot write the spool; answering 503 to the waiting requests");
+                    self.broken = true;
+                    for (reserved, done) in waiting {
+                        self.fail(reserved, done, &err);
+                    }
+                }
+            }
+        }
+        self.sync();
+        if let Some(done) = closed {
+            let _ = done.send(());
+        }
+    }
+
+    fn fail(
+        &self,
+        reserved: u64,
+        done: oneshot::Sender<Result<(), AppendError>>,
+        err: &std::io::Error,
+    ) {
+        self.shared.bytes.fetch_sub(reserved, Ordering::SeqCst);
+        let _ = done.send(Err(AppendError::Write(err.to_string())));
+    }
+
+    fn sync(&mut self) {
+        if let Err(err) = self.file.sync_data() {
+            tracing::error!(error = %err, "cannot sync the spool");
+        }
+        self.unsynced = false;
+    }
+
+    /// Buffers one record, first starting a new segment when the current one is full.
+    fn append(&mut self, received_at: OffsetDateTime, body: &[u8]) -> std::io::Result<()> {
+        if self.broken || self.position.offset >= self.segment_bytes {
+            self.rotate()?;
+        }
+        let before = self.buffer.len();
+        record::encode(received_at, body, &mut self.buffer);
+        self.position.offset += (self.buffer.len() - before) as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let result = self.file.write_all(&self.buffer);
+        self.buffer.clear();
+        result
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        // Sealed segments are synced whatever the policy: readers and replay treat them as final.
+        self.file.sync_data()?;
+        let next = self.position.segment + 1;
+        let file = create_segment(&self.shared.dir, next).map_err(|err| match err {
+            SpoolError::Io { source, .. } => source,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        self.file = file;
+        self.broken = false;
+        self.position = Position {
+            segment: next,
+            offset: HEADER_LEN,
+        };
+        self.shared.bytes.fetch_add(HEADER_LEN, Ordering::SeqCst);
+        lock(&self.shared.segments).insert(next);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+use kohaku_sink::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::*;
+
+fn body(seed: u64, objects: usize) -> Bytes {
+    let stats: Vec<String> = (0..objects)
+        .map(|i| {
+            format!(
+                r#"{{"id":"OT{i}","type":"outbound-rtp","timestamp":{}.5}}"#,
+                1_753_423_611_000u64 + seed
+            )
+        })
+        .collect();
+    let connection_id = format!("{:0>26}", format!("C{seed}"));
+    Bytes::from(format!(
+        r#"{{"type":"connection.user-agent","timestamp":"2025-07-25T06:06:51.592776Z","label":"WebRTC SFU Sora","version":"2025.2.1","node_name":"sora@127.0.0.1","role":"sendrecv","simulcast":false,"spotlight":false,"channel_id":"sora","session_id":"7N8FP3M0ZH2ASBCDPHRGS2HYB8","client_id":"{connection_id}","connection_id":"{connection_id}","stats":[{}]}}"#,
+        stats.join(",")
+    ))
+}
+
+fn options(dir: &Path, max_bytes: u64) -> SpoolOptions {
+    SpoolOptions {
+        dir: dir.to_path_buf(),
+        max_bytes,
+        fsync: FsyncPolicy::Always,
+    }
+}
+
+/// Everything the reader yields until it has caught up, acknowledging each batch. Returns the
+/// connection ids in order.
+async fn drain(reader: &mut SpoolReader) -> Vec<String> {
+    let (_closing, mut closing_rx) = watch::channel(false);
+    let mut seen = Vec::new();
+    loop {
+        let next = tokio::time::timeout(
+            Duration::from_millis(300),
+            reader.next_batch(7, Duration::from_millis(5), &mut closing_rx),
+        )
+        .await;
+        let Ok(Some(next)) = next else { return seen };
+        for report in next.batch.reports() {
+            seen.push(report.connection.connection_id.clone());
+        }
+        reader.ack(next.end).await;
+    }
+}
+
+fn readers<const N: usize>(spool: &Spool, sinks: [&str; N]) -> [SpoolReader; N] {
+    match spool.readers(&sinks).try_into() {
+        Ok(readers) => readers,
+        Err(_) => unreachable!("one reader per sink"),
+    }
+}
+
+fn ids(seeds: std::ops::Range<u64>) -> Vec<String> {
+    seeds
+        .map(|seed| format!("{:0>26}", format!("C{seed}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_sink_reads_every_report_once_and_delivered_segments_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&options(dir.path(), 64 * 1024)).unwrap();
+    let appender = spool.appender();
+    let [mut fast, mut slow] = readers(&spool, ["fast", "slow"]);
+    for seed in 0..60 {
+        appender
+            .append(OffsetDateTime::now_utc(), body(seed, 3))
+            .await
+            .unwrap();
+    }
+    let status = spool.monitor().status();
+    assert!(status.segments > 3, "small segments rotate: {status:?}");
+
+    assert_eq!(drain(&mut fast).await, ids(0..60));
+    assert!(
+        spool.monitor().status().segments > 3,
+        "the slow sink still needs every segment"
+    );
+    assert_eq!(drain(&mut slow).await, ids(0..60));
+    let status = spool.monitor().status();
+    assert_eq!(
+        status.segments, 1,
+        "only the active segment is left: {status:?}"
+    );
+    assert_eq!(status.oldest_unsent_seconds["slow"], 0.0);
+}
+
+#[tokio::test]
+async fn a_restart_resumes_each_sink_at_its_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut spool = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
+        let appender = spool.appender();
+        let [mut done, _behind] = readers(&spool, ["done", "behind"]);
+        for seed in 0..10 {
+            appender
+                .append(OffsetDateTime::now_utc(), body(seed, 2))
+                .await
+                .unwrap();
+        }
+        assert_eq!(drain(&mut done).await, ids(0..10));
+        spool.close_writer().await;
+    }
+    let spool = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
+    let appender = spool.appender();
+    appender
+        .append(OffsetDateTime::now_utc(), body(10, 2))
+        .await
+        .unwrap();
+    let [mut done, mut behind] = readers(&spool, ["done", "behind"]);
+    assert_eq!(drain(&mut done).await, ids(10..11));
+    assert_eq!(drain(&mut behind).await, ids(0..11));
+}
+
+#[tokio::test]
+async fn a_full_spool_refuses_until_the_sinks_catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&options(dir.path(), 16 * 1024)).unwrap();
+    let appender = spool.appender();
+    let [mut reader] = readers(&spool, ["only"]);
+    let mut accepted = 0;
+    let refused = loop {
+        match appender
+            .append(OffsetDateTime::now_utc(), body(accepted, 4))
+            .await
+        {
+            Ok(()) => accepted += 1,
+            Err(err) => break err,
+        }
+        assert!(accepted < 1000, "the spool never filled");
+    };
+    assert_eq!(
+        refused,
+        AppendError::Full {
+            max_bytes: 16 * 1024
+        }
+    );
+    assert!(spool.monitor().status().bytes <= 16 * 1024);
+    assert_eq!(drain(&mut reader).await, ids(0..accepted));
+    appender
+        .append(OffsetDateTime::now_utc(), body(accepted, 4))
+        .await
+        .expect("room again once the reader has passed the segments");
+}
+
+#[tokio::test]
+async fn one_directory_one_kohaku() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
+    let second = Spool::open(&options(dir.path(), 1 << 20));
+    assert!(
+        matches!(second, Err(SpoolError::Locked(_))),
+        "{:?}",
+        second.err()
+    );
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_and_the_intact_records_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut spool = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
+        let appender = spool.appender();
+        for seed in 0..5 {
+            appender
+                .append(OffsetDateTime::now_utc(), body(seed, 2))
+                .await
+                .unwrap();
+        }
+        spool.close_writer().await;
+    }
+    let segment = segment_path(dir.path(), 1);
+    let length = std::fs::metadata(&segment).unwrap().len();
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.set_len(length - 10).unwrap();
+
+    let spool = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
+    let [mut reader] = readers(&spool, ["sink"]);
+    assert_eq!(drain(&mut reader).await, ids(0..4));
+}
+
+#[tokio::test]
+async fn a_segment_from_another_format_stops_start_up_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(segment_path(dir.path(), 3), b"NOTASPOOLFILE").unwrap();
+    let err = Spool::open(&options(dir.path(), 1 << 20))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("00000000000000000003.seg"),
+        "{err}"
+    );
+}
