@@ -384,6 +384,41 @@ enum ObjectAt {
     RtcData,
 }
 
+/// Real stats objects nest two or three levels (`qualityLimitationDurations`). Deeper input is
+/// refused here because the stores' JSON functions have depth limits of their own (SQLite's is
+/// 1000): a row they cannot read would break every dashboard query that touches it.
+const MAX_OBJECT_DEPTH: usize = 32;
+
+/// Whether arrays and objects in the JSON `text` nest deeper than `limit`.
+fn nesting_exceeds(text: &str, limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
     let field = |name: &str| match at {
         ObjectAt::Stats(index) => format!("stats[{index}]{name}"),
@@ -393,6 +428,12 @@ fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidRepo
         return Err(InvalidReport::new(
             field(""),
             "a stats object must be a JSON object",
+        ));
+    }
+    if nesting_exceeds(raw.get(), MAX_OBJECT_DEPTH) {
+        return Err(InvalidReport::new(
+            field(""),
+            format!("nested deeper than {MAX_OBJECT_DEPTH} levels; stats objects are flat records"),
         ));
     }
     let head: ObjectHead<'_> = serde_json::from_str(raw.get()).map_err(|err| {
@@ -481,6 +522,31 @@ mod tests {
 
     fn field_of(value: &Value) -> String {
         parse(value).expect_err("must be refused").field
+    }
+
+    #[test]
+    fn deeply_nested_objects_are_refused_by_index_and_brackets_in_strings_do_not_count() {
+        let deep = format!(
+            r#"{{"id":"D","type":"x","timestamp":1,"n":{}1{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let mut value = body();
+        let text = value.to_string().replace(
+            r#""stats":["#,
+            &format!(r#""stats":[{{"id":"ok","type":"x","timestamp":1}},{deep},"#),
+        );
+        let refused = parse_report(text.as_bytes(), OffsetDateTime::now_utc()).unwrap_err();
+        assert_eq!(refused.field, "stats[1]");
+        assert!(refused.error.contains("nested deeper than 32"), "{refused}");
+
+        value["stats"][0]["label"] = json!("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ \\\" {{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{");
+        let mut nested = json!(1);
+        for _ in 0..MAX_OBJECT_DEPTH - 1 {
+            nested = json!([nested]);
+        }
+        value["stats"][1]["limit"] = nested;
+        parse(&value).expect("brackets inside strings and nesting at the limit are fine");
     }
 
     #[test]
@@ -734,6 +800,73 @@ mod tests {
         for text in ["", "garbage", "[]", "{", "{} {}"] {
             let err = parse_log_line(text.as_bytes()).expect_err(text);
             assert_eq!(err.field, "line", "{text}: {err}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn scalar() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("JSON has no NaN or infinities", |f| f.is_finite())
+                    .prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+                ".{0,12}".prop_map(Value::from),
+            ]
+        }
+
+        proptest! {
+            /// Any well-formed stats object survives parsing with its id, type and time read
+            /// and its text kept byte for byte.
+            #[test]
+            fn valid_objects_round_trip(
+                objects in proptest::collection::vec(
+                    (".{1,20}", "[a-z-]{1,16}", 0f64..4e12,
+                     proptest::collection::btree_map("[a-zA-Z]{1,10}", scalar(), 0..6)),
+                    0..6)
+            ) {
+                let mut value = body();
+                let stats: Vec<Value> = objects.iter().map(|(id, rtc_type, timestamp, fields)| {
+                    let mut object = serde_json::Map::new();
+                    for (key, field) in fields {
+                        object.insert(format!("x{key}"), field.clone());
+                    }
+                    object.insert("id".into(), json!(id));
+                    object.insert("type".into(), json!(rtc_type));
+                    object.insert("timestamp".into(), json!(timestamp));
+                    Value::Object(object)
+                }).collect();
+                value["stats"] = Value::Array(stats.clone());
+                let report = parse(&value).expect("valid");
+                prop_assert_eq!(report.stats.len(), objects.len());
+                for ((object, (id, rtc_type, timestamp, _)), sent) in report.stats.iter().zip(&objects).zip(&stats) {
+                    prop_assert_eq!(&object.rtc_id, id);
+                    prop_assert_eq!(&object.rtc_type, rtc_type);
+                    prop_assert_eq!(object.rtc_timestamp, *timestamp);
+                    prop_assert_eq!(object.rtc_data.get(), sent.to_string());
+                }
+            }
+
+            /// Whatever the bytes, the parser answers: a report or an error naming a field.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                if let Err(refused) = parse_report(&bytes, OffsetDateTime::now_utc()) {
+                    prop_assert!(!refused.field.is_empty());
+                }
+            }
+
+            /// Valid bodies cut or with a byte changed are refused or parsed, never a panic.
+            #[test]
+            fn damaged_bodies_never_panic(cut in 0usize..2000, position in 0usize..2000, byte in any::<u8>()) {
+                let mut text = body().to_string().into_bytes();
+                let position = position % text.len();
+                text[position] = byte;
+                text.truncate(cut.min(text.len()));
+                let _ = parse_report(&text, OffsetDateTime::now_utc());
+            }
         }
     }
 }

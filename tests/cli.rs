@@ -2,10 +2,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
@@ -141,76 +140,6 @@ fn serve_names_the_port_it_cannot_bind() {
         message.contains("server.listen_addr/listen_port") && message.contains(&port.to_string()),
         "{message}"
     );
-}
-
-/// Kills the process if a test ends (or fails) while it still runs.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// A `kohaku serve` process and the addresses it logged.
-struct Served {
-    child: ChildGuard,
-    ingest: std::net::SocketAddr,
-    stdout_lines: std::sync::mpsc::Receiver<String>,
-}
-
-fn serve(dir: &Path, config: &str) -> Served {
-    std::fs::write(dir.join("k.toml"), config).unwrap();
-    let mut child = ChildGuard(
-        kohaku_command()
-            .args(["serve", "--config", "k.toml"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("kohaku serve starts"),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("kohaku logs that it listens");
-        let event: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-        if event["message"] == "kohaku listening" {
-            let ingest = event["ingest_addr"].as_str().unwrap().parse().unwrap();
-            return Served {
-                child,
-                ingest,
-                stdout_lines: lines,
-            };
-        }
-    }
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("kohaku did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

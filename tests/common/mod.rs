@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Instant;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -451,5 +454,79 @@ pub fn timescaledb_config(url: &str) -> kohaku::config::TimescaleSinkConfig {
         compress_after_days: 7,
         chunk_interval: "1 day".into(),
         statement_timeout_secs: 30,
+    }
+}
+
+/// Kills the process if a test ends (or fails) while it still runs.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A `kohaku serve` process and the addresses it logged.
+pub struct Served {
+    pub child: ChildGuard,
+    pub ingest: std::net::SocketAddr,
+    pub exporter: std::net::SocketAddr,
+    pub stdout_lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `kohaku serve` in `dir` with `config` as `k.toml`, once it logs its addresses.
+pub fn serve(dir: &Path, config: &str) -> Served {
+    std::fs::write(dir.join("k.toml"), config).unwrap();
+    let mut child = ChildGuard(
+        kohaku_command()
+            .args(["serve", "--config", "k.toml"])
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("kohaku serve starts"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("kohaku logs that it listens");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
+        if event["message"] == "kohaku listening" {
+            let ingest = event["ingest_addr"].as_str().unwrap().parse().unwrap();
+            let exporter = event["exporter_addr"].as_str().unwrap().parse().unwrap();
+            return Served {
+                child,
+                ingest,
+                exporter,
+                stdout_lines: lines,
+            };
+        }
+    }
+}
+
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kohaku did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
