@@ -540,7 +540,9 @@ mod tests {
         assert_eq!(refused.field, "stats[1]");
         assert!(refused.error.contains("nested deeper than 32"), "{refused}");
 
-        value["stats"][0]["label"] = json!("[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ \\\" {{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{");
+        value["stats"][0]["label"] = json!(
+            "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ \\\" {{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{"
+        );
         let mut nested = json!(1);
         for _ in 0..MAX_OBJECT_DEPTH - 1 {
             nested = json!([nested]);

@@ -112,16 +112,35 @@ async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged
     assert_eq!(refused.json()["field"], "spool", "{}", refused.text());
     assert_contains(&refused.json()["error"].to_string(), "spool.max_bytes");
     assert_eq!(refused.headers["retry-after"], "1");
-    assert!(acknowledged.0.len() > 20, "{} accepted", acknowledged.0.len());
+    assert!(
+        acknowledged.0.len() > 20,
+        "{} accepted",
+        acknowledged.0.len()
+    );
 
     let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(health["failing"], serde_json::json!(["sqlite"]));
-    assert!(health["spool"]["bytes"].as_u64().unwrap() > 64 * 1024, "{health}");
+    assert!(
+        health["spool"]["bytes"].as_u64().unwrap() > 64 * 1024,
+        "{health}"
+    );
     assert_eq!(health["spool"]["max_bytes"], 128 * 1024);
-    assert!(health["spool"]["oldest_unsent_seconds"]["sqlite"].as_f64().unwrap() > 0.0);
+    assert!(
+        health["spool"]["oldest_unsent_seconds"]["sqlite"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     let metrics = exporter.get("/metrics").await.text();
     assert!(metric(&metrics, "kohaku_spool_bytes").unwrap() > 64.0 * 1024.0);
-    assert!(metric(&metrics, "kohaku_spool_oldest_unsent_seconds{sink=\"sqlite\"}").unwrap() > 0.0);
+    assert!(
+        metric(
+            &metrics,
+            "kohaku_spool_oldest_unsent_seconds{sink=\"sqlite\"}"
+        )
+        .unwrap()
+            > 0.0
+    );
     assert_eq!(
         metric(
             &metrics,
@@ -148,7 +167,12 @@ async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged
         .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
         .await;
     assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
-    wait_for_sqlite_rows(&db, stored + OBJECTS_PER_REPORT as i64, Duration::from_secs(10)).await;
+    wait_for_sqlite_rows(
+        &db,
+        stored + OBJECTS_PER_REPORT as i64,
+        Duration::from_secs(10),
+    )
+    .await;
     let health = wait_for_health(&exporter, StatusCode::OK).await;
     assert_eq!(health["spool"]["oldest_unsent_seconds"]["sqlite"], 0.0);
     assert!(
@@ -208,14 +232,18 @@ async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
             assert_eq!(stopped, None);
             let first = index;
             index += spans.len();
-            spans.last().cloned().map(|last| (path.clone(), first + spans.len() - 1, last))
+            spans
+                .last()
+                .cloned()
+                .map(|last| (path.clone(), first + spans.len() - 1, last))
         })
         .collect();
     assert_eq!(index, reports.len());
     assert!(with_records.len() >= 3, "{} segments", with_records.len());
     for (path, record, span) in [&with_records[0], with_records.last().unwrap()] {
         let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-        file.set_len(8 + (span.start + span.len() / 2) as u64).unwrap();
+        file.set_len(8 + (span.start + span.len() / 2) as u64)
+            .unwrap();
         cut.insert(*record);
     }
 
@@ -263,4 +291,208 @@ async fn a_second_kohaku_cannot_take_the_same_spool() {
     assert_contains(&err, "in use by another Kohaku");
     assert_contains(&err, "spool");
     app.shutdown().await;
+}
+
+#[cfg(feature = "timescaledb")]
+mod with_postgresql {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::Method;
+    use http_body_util::Full;
+    use kohaku::config::TimescaleSinkConfig;
+    use kohaku_timescaledb::testkit;
+
+    use super::*;
+
+    async fn postgres_connections(url: &str) -> BTreeSet<String> {
+        testkit::stored_rows(url)
+            .await
+            .into_iter()
+            .map(|row| row.connection_id)
+            .collect()
+    }
+
+    async fn wait_for_postgres_rows(url: &str, rows: i64, timeout: Duration) -> i64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let count = testkit::count(url, "SELECT count(*) FROM rtc_stats").await;
+            if count >= rows || tokio::time::Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_sink_down_does_not_hold_back_the_other_and_catches_up_later() {
+        let url = testkit::fresh_database("spool_two_sinks").await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = spooled_config(dir.path(), 64 << 20);
+        if let Some(sinks) = config.sinks.as_mut() {
+            sinks.timescaledb = Some(TimescaleSinkConfig {
+                compress_after_days: 0,
+                ..timescaledb_config(&url)
+            });
+        }
+        let db = dir.path().join("stats.db");
+        let app = start(&config, build_sinks(&config).await).await;
+        let client = H2::connect(app.ingest_addr()).await;
+        let exporter = H2::connect(app.exporter_addr()).await;
+
+        let lock = WriteLock::take(&db);
+        let mut acknowledged = Acknowledged::default();
+        for seed in 0..40 {
+            let answer = client
+                .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
+                .await;
+            assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+            acknowledged.0.insert(sora_id(seed));
+        }
+        let in_postgres =
+            wait_for_postgres_rows(&url, acknowledged.objects(), Duration::from_secs(20)).await;
+        assert_eq!(
+            in_postgres,
+            acknowledged.objects(),
+            "PostgreSQL is not held back"
+        );
+        let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE).await;
+        assert_eq!(health["failing"], serde_json::json!(["sqlite"]));
+        assert_eq!(
+            health["spool"]["oldest_unsent_seconds"]["timescaledb"], 0.0,
+            "{health}"
+        );
+        drop(lock);
+        assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), 0);
+
+        let in_sqlite =
+            wait_for_sqlite_rows(&db, acknowledged.objects(), Duration::from_secs(20)).await;
+        assert_eq!(in_sqlite, acknowledged.objects(), "SQLite catches up");
+        assert_eq!(stored_connections(&db), acknowledged.0);
+        assert_eq!(postgres_connections(&url).await, acknowledged.0);
+        wait_for_health(&exporter, StatusCode::OK).await;
+        assert_eq!(app.shutdown().await.dropped_rows, 0);
+    }
+
+    /// POSTs a report; `None` when the connection is gone (Kohaku was killed).
+    async fn try_post(client: &H2, body: String) -> Option<StatusCode> {
+        let request = client
+            .request(Method::POST, "/collector")
+            .header(EXPORTER_TYPE.0, EXPORTER_TYPE.1)
+            .body(Full::new(Bytes::from(body)))
+            .ok()?;
+        client.send(request).await.ok().map(|answer| answer.status)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigkill_under_load_then_restart_stores_every_acknowledged_object_in_both_sinks() {
+        let url = testkit::fresh_database("spool_crash").await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            "[server]\nlisten_addr = \"127.0.0.1\"\nlisten_port = 0\n\
+             [exporter]\nlisten_port = 0\n\
+             [pipeline]\nbatch_max_wait_ms = 20\nbatch_max_rows = 500\n\
+             [spool]\ndir = \"spool\"\nmax_bytes = 268435456\n\
+             [sinks.sqlite]\npath = \"stats.db\"\n\
+             [sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\ncompress_after_days = 0\n"
+        );
+        let mut served = serve(dir.path(), &config);
+        let client = H2::connect(served.ingest).await;
+
+        let next_seed = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
+        let killed = Arc::new(AtomicBool::new(false));
+        let mut senders = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (client, next_seed, sent, acknowledged, killed) = (
+                client.clone(),
+                Arc::clone(&next_seed),
+                Arc::clone(&sent),
+                Arc::clone(&acknowledged),
+                Arc::clone(&killed),
+            );
+            senders.spawn(async move {
+                // Bounded: the kill comes long before.
+                for _ in 0..20_000 {
+                    let seed = next_seed.fetch_add(1, Ordering::SeqCst);
+                    let body = small_report(seed, OBJECTS_PER_REPORT).to_string();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    match try_post(&client, body).await {
+                        Some(StatusCode::NO_CONTENT) => {
+                            acknowledged.lock().unwrap().0.insert(sora_id(seed));
+                        }
+                        Some(other) => panic!("unexpected {other}"),
+                        None if killed.load(Ordering::SeqCst) => return,
+                        None => panic!("connection lost before the kill"),
+                    }
+                }
+            });
+        }
+        // Let the load and the writes run, then kill in the middle of both.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while acknowledged.lock().unwrap().0.len() < 400 {
+            assert!(tokio::time::Instant::now() < deadline, "load too slow");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        killed.store(true, Ordering::SeqCst);
+        // SAFETY: signalling our own child process.
+        assert_eq!(
+            unsafe { libc::kill(served.child.0.id() as i32, libc::SIGKILL) },
+            0
+        );
+        let status = wait_exit(&mut served.child.0, Duration::from_secs(10));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        while let Some(joined) = senders.join_next().await {
+            joined.expect("sender task");
+        }
+        let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+        let db = dir.path().join("stats.db");
+        let before_restart = (
+            sqlite_count(&db, "SELECT count(*) FROM rtc_stats"),
+            testkit::count(&url, "SELECT count(*) FROM rtc_stats").await,
+        );
+
+        let served = serve(dir.path(), &config);
+        let in_sqlite =
+            wait_for_sqlite_rows(&db, acknowledged.objects(), Duration::from_secs(60)).await;
+        let in_postgres =
+            wait_for_postgres_rows(&url, acknowledged.objects(), Duration::from_secs(60)).await;
+        let sqlite_connections = stored_connections(&db);
+        let postgres_connections = postgres_connections(&url).await;
+        eprintln!(
+            "crash: sent {} reports, acknowledged {} ({} objects); stored at the kill: sqlite {}, postgresql {}; after restart: sqlite {in_sqlite}, postgresql {in_postgres}",
+            sent.load(Ordering::SeqCst),
+            acknowledged.0.len(),
+            acknowledged.objects(),
+            before_restart.0,
+            before_restart.1,
+        );
+        let missing_sqlite: Vec<_> = acknowledged.0.difference(&sqlite_connections).collect();
+        let missing_postgres: Vec<_> = acknowledged.0.difference(&postgres_connections).collect();
+        assert!(
+            missing_sqlite.is_empty(),
+            "missing in SQLite: {missing_sqlite:?}"
+        );
+        assert!(
+            missing_postgres.is_empty(),
+            "missing in PostgreSQL: {missing_postgres:?}"
+        );
+        // Reports in flight at the kill may be stored without their 204; nothing is stored twice.
+        for (store, rows, connections) in [
+            ("sqlite", in_sqlite, &sqlite_connections),
+            ("postgresql", in_postgres, &postgres_connections),
+        ] {
+            assert_eq!(
+                rows,
+                (connections.len() * OBJECTS_PER_REPORT) as i64,
+                "{store}: whole reports, each once"
+            );
+        }
+        drop(served);
+    }
 }

@@ -1,5 +1,6 @@
-//! PostgreSQL stopped mid-stream and started again. This binary stops the shared test cluster, so
-//! it holds this one test only (cargo runs test binaries one after another).
+//! PostgreSQL stopped for seconds under a steady stream of reports, then started again, with the
+//! durable spool on. This binary stops the shared test cluster, so it holds this one test only
+//! (cargo runs test binaries one after another).
 #![cfg(feature = "timescaledb")]
 
 mod common;
@@ -8,14 +9,19 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use kohaku::config::{SinksConfig, TimescaleSinkConfig};
+use kohaku::config::{SinksConfig, SpoolConfig, TimescaleSinkConfig};
 use kohaku_timescaledb::testkit;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_loses_nothing_acknowledged() {
     let url = testkit::fresh_database("outage").await;
+    let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
     config.pipeline.retry_max_backoff_ms = 200;
+    config.spool = Some(SpoolConfig {
+        dir: dir.path().join("spool"),
+        ..SpoolConfig::default()
+    });
     config.sinks = Some(SinksConfig {
         sqlite: None,
         timescaledb: Some(TimescaleSinkConfig {
@@ -30,6 +36,7 @@ async fn a_database_outage_loses_nothing_acknowledged() {
 
     let objects_per_report = 8;
     let mut acknowledged = 0i64;
+    let mut sent = 0i64;
     let mut seed = 0u64;
     let mut send = |count: usize| {
         let client = client.clone();
@@ -41,12 +48,10 @@ async fn a_database_outage_loses_nothing_acknowledged() {
                 let answer = client
                     .post_report(small_report(s, objects_per_report).to_string())
                     .await;
-                match answer.status {
-                    StatusCode::NO_CONTENT => accepted += objects_per_report as i64,
-                    StatusCode::SERVICE_UNAVAILABLE => {}
-                    other => panic!("unexpected {other}: {}", answer.text()),
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // The spool holds the outage: nothing is refused.
+                assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+                accepted += objects_per_report as i64;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             accepted
         }
@@ -54,7 +59,9 @@ async fn a_database_outage_loses_nothing_acknowledged() {
 
     acknowledged += send(50).await;
     testkit::stop_server();
-    acknowledged += send(100).await;
+    let outage = std::time::Instant::now();
+    // A steady stream for several seconds while the database is down.
+    acknowledged += send(300).await;
 
     // While it is down, health names the sink and retries are counted.
     let health = exporter.get("/health").await;
@@ -77,7 +84,9 @@ async fn a_database_outage_loses_nothing_acknowledged() {
     );
 
     testkit::start_server();
+    let outage = outage.elapsed();
     acknowledged += send(50).await;
+    sent += 400 * objects_per_report as i64;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut stored = 0;
@@ -101,7 +110,10 @@ async fn a_database_outage_loses_nothing_acknowledged() {
         assert!(tokio::time::Instant::now() < deadline, "health recovers");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("outage: acknowledged {acknowledged} objects, stored {stored}");
+    eprintln!(
+        "outage of {:.1} s: sent {sent} objects, acknowledged {acknowledged}, stored {stored}",
+        outage.as_secs_f64()
+    );
     let summary = app.shutdown().await;
     assert_eq!(summary.dropped_rows, 0);
 }
