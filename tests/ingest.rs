@@ -235,6 +235,10 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
                 serde_json::json!({"id": "C1", "type": "codec"}),
                 "stats[1].timestamp",
             ),
+            (
+                serde_json::json!({"id": "C1", "type": "codec", "timestamp": 1.0, "deep": deep_value(100)}),
+                "stats[1]",
+            ),
         ] {
             let mut body = small_report(1, 2);
             body["stats"][1] = object;
@@ -333,6 +337,95 @@ async fn every_bad_request_gets_a_json_error_naming_the_problem() {
     )
     .unwrap();
     assert_eq!(refused, (cases.len() + 2 + 1) as f64);
+    app.shutdown().await;
+}
+
+fn deep_value(depth: usize) -> Value {
+    (0..depth).fold(Value::from(0), |inner, _| Value::Array(vec![inner]))
+}
+
+/// Clients that stall, or send oversized headers, are cut off with an answer; the server and
+/// other clients carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_bodies_and_oversized_headers_are_refused_and_others_carry_on() {
+    use http_body_util::channel::Channel;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, db) = sqlite_sink(dir.path()).await;
+    let mut config = test_config();
+    config.server.body_read_timeout_secs = 1;
+    let app = start(&config, vec![sink]).await;
+
+    // A body that starts and never finishes.
+    let tcp = tokio::net::TcpStream::connect(app.ingest_addr())
+        .await
+        .unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let (mut body_sender, body) = Channel::<Bytes>::new(1);
+    let request = http::Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/collector", app.ingest_addr()))
+        .header(EXPORTER_TYPE.0, EXPORTER_TYPE.1)
+        .body(body)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = tokio::spawn(async move { sender.send_request(request).await });
+    body_sender
+        .send_data(Bytes::from_static(b"{\"type\":\"connection.user-agent\","))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered before the test gives up")
+        .unwrap()
+        .expect("an answer, not a reset");
+    assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let error: Value = serde_json::from_slice(
+        &http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap()
+            .to_bytes(),
+    )
+    .unwrap();
+    assert_eq!(error["field"], "body");
+    assert_contains(error["error"].as_str().unwrap(), "body_read_timeout_secs");
+    drop(body_sender);
+
+    // Headers beyond the limit: refused, never a crash.
+    let client = H2::connect(app.ingest_addr()).await;
+    let request = client
+        .request(Method::POST, "/collector")
+        .header(EXPORTER_TYPE.0, EXPORTER_TYPE.1)
+        .header("x-padding", "p".repeat(100 * 1024))
+        .body(Full::new(Bytes::from(small_report(1, 2).to_string())))
+        .unwrap();
+    match client.send(request).await {
+        Ok(answer) => assert!(answer.status.is_client_error(), "{}", answer.status),
+        Err(err) => eprintln!("oversized headers: stream refused ({err})"),
+    }
+
+    // Meanwhile others are served as usual.
+    let other = H2::connect(app.ingest_addr()).await;
+    let answer = other.post_report(small_report(2, 3).to_string()).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+    assert_eq!(wait_for_sqlite_rows(&db, 3, WAIT).await, 3);
+    let exporter = H2::connect(app.exporter_addr()).await;
+    let metrics = exporter.get("/metrics").await.text();
+    assert_eq!(
+        metric(
+            &metrics,
+            "kohaku_http_requests_total{path=\"/collector\",status=\"408\"}"
+        ),
+        Some(1.0)
+    );
     app.shutdown().await;
 }
 

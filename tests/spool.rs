@@ -37,7 +37,9 @@ fn spooled_config(dir: &Path, max_bytes: u64) -> Config {
 
 /// Holds SQLite's write lock, as a long-running writer would: Kohaku's writes fail as busy
 /// (transient) until it is dropped.
-struct WriteLock(rusqlite::Connection);
+struct WriteLock {
+    _holder: rusqlite::Connection,
+}
 
 impl WriteLock {
     fn take(db: &Path) -> Self {
@@ -45,7 +47,9 @@ impl WriteLock {
         connection
             .execute_batch("BEGIN EXCLUSIVE")
             .expect("take the write lock");
-        Self(connection)
+        Self {
+            _holder: connection,
+        }
     }
 }
 
