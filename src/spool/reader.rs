@@ -87,8 +87,8 @@ impl SpoolReader {
             }
             let end = self.position();
             let moved = end != self.acked();
-            if !caught_up {
-                // Stopped because the batch is full: a backlog is written without waiting.
+            if !caught_up || batch.row_count() >= max_rows {
+                // The batch is full: a backlog is written without waiting.
                 return Some(SpoolBatch { batch, end });
             }
             if *closing.borrow() {
