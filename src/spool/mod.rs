@@ -143,22 +143,24 @@ impl Shared {
         let Some(oldest_needed) = oldest_needed else {
             return;
         };
-        let done: Vec<u64> = lock(&self.segments)
-            .range(..oldest_needed)
-            .copied()
-            .collect();
+        // Held throughout, so that two sinks acknowledging at once do not delete the same file.
+        let mut segments = lock(&self.segments);
+        let done: Vec<u64> = segments.range(..oldest_needed).copied().collect();
         for id in done {
             let path = self.segment_path(id);
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             match std::fs::remove_file(&path) {
                 Ok(()) => {
-                    lock(&self.segments).remove(&id);
+                    segments.remove(&id);
                     self.bytes.fetch_sub(size, Ordering::SeqCst);
                     tracing::debug!(
                         segment = id,
                         bytes = size,
                         "spool segment delivered to every sink; deleted"
                     );
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    segments.remove(&id);
                 }
                 Err(err) => {
                     tracing::warn!(segment = %path.display(), error = %err, "cannot delete a delivered spool segment; will retry");
