@@ -15,3 +15,4 @@ pub mod server;
 pub mod sinks;
 pub mod sora;
 pub mod spool;
+mod sync;

@@ -187,6 +187,12 @@ impl Metrics {
         self.sink_up.get_or_create(&labels).set(1);
     }
 
+    /// One report accepted (answered 204, or queued by the importer) with `rows` stats objects.
+    pub fn count_accepted(&self, rows: usize) {
+        self.reports_received.inc();
+        self.stats_objects_received.inc_by(rows as u64);
+    }
+
     pub fn sink(name: &str) -> SinkLabels {
         SinkLabels {
             sink: name.to_owned(),

@@ -23,6 +23,7 @@ pub use spooled::SpooledPipeline;
 use crate::config::PipelineConfig;
 use crate::metrics::Metrics;
 use crate::spool::{AppendError, SpoolAppender, SpoolMonitor};
+use crate::sync::{lock, sleep_until_some};
 
 /// How long a health probe may take before the sink counts as unhealthy.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -122,8 +123,7 @@ impl Ingest {
                 permit,
             })
             .map_err(|_| SubmitError::Closed)?;
-        self.metrics.reports_received.inc();
-        self.metrics.stats_objects_received.inc_by(rows as u64);
+        self.metrics.count_accepted(rows);
         self.metrics
             .queue_rows
             .set(queued_rows(&self.permits, self.capacity));
@@ -167,10 +167,7 @@ impl Intake {
             Self::Queue(ingest) => Ok(ingest.submit(report)?),
             Self::Spool { appender, metrics } => {
                 appender.append(report.received_at, body).await?;
-                metrics.reports_received.inc();
-                metrics
-                    .stats_objects_received
-                    .inc_by(report.row_count() as u64);
+                metrics.count_accepted(report.row_count());
                 Ok(())
             }
         }
@@ -273,12 +270,6 @@ async fn probe(state: &SinkState) -> SinkStatus {
         healthy: error.is_none(),
         error,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub struct Pipeline {
@@ -489,13 +480,6 @@ impl Batcher {
                 tracing::error!("a sink worker has stopped; its rows are not delivered");
             }
         }
-    }
-}
-
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

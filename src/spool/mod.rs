@@ -23,6 +23,7 @@ use bytes::Bytes;
 use kohaku_sink::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
+use crate::sync::lock;
 pub use reader::{SpoolBatch, SpoolReader};
 use record::{HEADER_LEN, SEGMENT_MAGIC};
 
@@ -117,12 +118,6 @@ struct Shared {
     /// The end of what is written (and synced, per policy): readers read up to it.
     committed: watch::Sender<Position>,
     sinks: Mutex<BTreeMap<String, SinkProgress>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Shared {

@@ -10,7 +10,8 @@ use kohaku_sink::StatsBatch;
 use tokio::sync::watch;
 
 use super::record::{self, DecodeError, HEADER_LEN, SEGMENT_MAGIC};
-use super::{lock, Position, Shared, SinkProgress};
+use super::{Position, Shared, SinkProgress};
+use crate::sync::{lock, sleep_until_some};
 
 /// Bytes read from a segment at once; a larger record is read whole.
 const READ_CHUNK: usize = 1 << 20;
@@ -186,13 +187,6 @@ impl SpoolReader {
         if let Err(err) = stored {
             tracing::error!(error = %err, "spool cursor task failed");
         }
-    }
-}
-
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
