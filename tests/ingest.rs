@@ -632,14 +632,7 @@ async fn metrics_move_and_health_names_a_failing_sink() {
     // It recovers: the retried batch lands, health is green again.
     flaky.set_failing(false);
     assert!(flaky.wait_for_rows(16, WAIT).await);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while exporter.get("/health").await.status != StatusCode::OK {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health stays red after recovery"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_health(&exporter, StatusCode::OK, WAIT).await;
     app.shutdown().await;
 }
 

@@ -15,6 +15,7 @@ use kohaku::spool::{FsyncPolicy, Spool, SpoolOptions};
 use kohaku_sink::OffsetDateTime;
 
 const OBJECTS_PER_REPORT: usize = 10;
+const HEALTH_WAIT: Duration = Duration::from_secs(10);
 
 fn spooled_config(dir: &Path, max_bytes: u64) -> Config {
     let mut config = test_config();
@@ -70,23 +71,6 @@ fn stored_connections(db: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-async fn wait_for_health(exporter: &H2, status: StatusCode) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = exporter.get("/health").await;
-        if answer.status == status {
-            return answer.json();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "health stays {}: {}",
-            answer.status,
-            answer.text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -122,7 +106,7 @@ async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged
         acknowledged.0.len()
     );
 
-    let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE).await;
+    let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE, HEALTH_WAIT).await;
     assert_eq!(health["failing"], serde_json::json!(["sqlite"]));
     assert!(
         health["spool"]["bytes"].as_u64().unwrap() > 64 * 1024,
@@ -177,7 +161,7 @@ async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged
         Duration::from_secs(10),
     )
     .await;
-    let health = wait_for_health(&exporter, StatusCode::OK).await;
+    let health = wait_for_health(&exporter, StatusCode::OK, HEALTH_WAIT).await;
     assert_eq!(health["spool"]["oldest_unsent_seconds"]["sqlite"], 0.0);
     assert!(
         health["spool"]["segments"].as_u64().unwrap() <= 2,
@@ -318,17 +302,6 @@ mod with_postgresql {
             .collect()
     }
 
-    async fn wait_for_postgres_rows(url: &str, rows: i64, timeout: Duration) -> i64 {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let count = testkit::count(url, "SELECT count(*) FROM rtc_stats").await;
-            if count >= rows || tokio::time::Instant::now() >= deadline {
-                return count;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_sink_down_does_not_hold_back_the_other_and_catches_up_later() {
         let url = testkit::fresh_database("spool_two_sinks").await;
@@ -361,7 +334,7 @@ mod with_postgresql {
             acknowledged.objects(),
             "PostgreSQL is not held back"
         );
-        let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE).await;
+        let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE, HEALTH_WAIT).await;
         assert_eq!(health["failing"], serde_json::json!(["sqlite"]));
         assert_eq!(
             health["spool"]["oldest_unsent_seconds"]["timescaledb"], 0.0,
@@ -375,7 +348,7 @@ mod with_postgresql {
         assert_eq!(in_sqlite, acknowledged.objects(), "SQLite catches up");
         assert_eq!(stored_connections(&db), acknowledged.0);
         assert_eq!(postgres_connections(&url).await, acknowledged.0);
-        wait_for_health(&exporter, StatusCode::OK).await;
+        wait_for_health(&exporter, StatusCode::OK, HEALTH_WAIT).await;
         assert_eq!(app.shutdown().await.dropped_rows, 0);
     }
 

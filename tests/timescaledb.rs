@@ -14,17 +14,6 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn wait_for_pg_rows(url: &str, rows: i64) -> i64 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let count = testkit::count(url, "SELECT count(*) FROM rtc_stats").await;
-        if count >= rows || tokio::time::Instant::now() >= deadline {
-            return count;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_reach_postgres_and_sqlite_with_equal_json() {
     let url = testkit::fresh_database("e2e").await;
@@ -67,7 +56,7 @@ async fn reports_reach_postgres_and_sqlite_with_equal_json() {
         }
     }
     let distinct = sent.len() as i64;
-    assert_eq!(wait_for_pg_rows(&url, distinct).await, distinct);
+    assert_eq!(wait_for_postgres_rows(&url, distinct, WAIT).await, distinct);
     assert_eq!(
         wait_for_sqlite_rows(&dir.path().join("fanout.db"), distinct, WAIT).await,
         distinct

@@ -36,7 +36,6 @@ async fn a_database_outage_loses_nothing_acknowledged() {
 
     let objects_per_report = 8;
     let mut acknowledged = 0i64;
-    let mut sent = 0i64;
     let mut seed = 0u64;
     let mut send = |count: usize| {
         let client = client.clone();
@@ -86,17 +85,9 @@ async fn a_database_outage_loses_nothing_acknowledged() {
     testkit::start_server();
     let outage = outage.elapsed();
     acknowledged += send(50).await;
-    sent += 400 * objects_per_report as i64;
+    let sent = seed as i64 * objects_per_report as i64;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut stored = 0;
-    while tokio::time::Instant::now() < deadline {
-        stored = testkit::count(&url, "SELECT count(*) FROM rtc_stats").await;
-        if stored >= acknowledged {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stored = wait_for_postgres_rows(&url, acknowledged, Duration::from_secs(30)).await;
     assert_eq!(
         stored, acknowledged,
         "every acknowledged object is stored exactly once"
@@ -105,11 +96,7 @@ async fn a_database_outage_loses_nothing_acknowledged() {
         testkit::count(&url, "SELECT count(*) FROM (SELECT DISTINCT connection_id, rtc_id, rtc_timestamp FROM rtc_stats) d").await,
         acknowledged
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while exporter.get("/health").await.status != StatusCode::OK {
-        assert!(tokio::time::Instant::now() < deadline, "health recovers");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_health(&exporter, StatusCode::OK, Duration::from_secs(10)).await;
     eprintln!(
         "outage of {:.1} s: sent {sent} objects, acknowledged {acknowledged}, stored {stored}",
         outage.as_secs_f64()

@@ -437,6 +437,38 @@ pub async fn wait_for_metric(exporter: &H2, series: &str, at_least: f64, timeout
     }
 }
 
+/// Polls `/health` until it answers `status`; fails the test with the last answer otherwise.
+/// Returns the answer's JSON.
+pub async fn wait_for_health(exporter: &H2, status: StatusCode, timeout: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = exporter.get("/health").await;
+        if answer.status == status {
+            return answer.json();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health stays {}: {}",
+            answer.status,
+            answer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls until PostgreSQL's `rtc_stats` holds `rows` rows; returns the last count seen.
+#[cfg(feature = "timescaledb")]
+pub async fn wait_for_postgres_rows(url: &str, rows: i64, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let count = kohaku_timescaledb::testkit::count(url, "SELECT count(*) FROM rtc_stats").await;
+        if count >= rows || tokio::time::Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Builds and migrates the sinks a config names, as `kohaku serve` does.
 pub async fn build_sinks(config: &Config) -> Vec<Arc<dyn StatsSink>> {
     let sinks = kohaku::sinks::build(&config.effective_sinks()).expect("sinks build");
