@@ -234,6 +234,8 @@ pub struct SinksConfig {
     pub sqlite: Option<SqliteSinkConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timescaledb: Option<TimescaleSinkConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestream: Option<TimestreamSinkConfig>,
 }
 
 /// A database URI whose password never appears in printed config, logs or errors.
@@ -311,6 +313,50 @@ impl TimescaleSinkConfig {
     }
 }
 
+/// Amazon Timestream for LiveAnalytics. Credentials come from the standard AWS chain
+/// (environment, profile, web identity, container or instance role), never from this file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimestreamSinkConfig {
+    /// Unset: the region the AWS chain finds (`AWS_REGION`, the profile, instance metadata).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub database: String,
+    pub table: String,
+    /// Unset: Timestream's endpoint discovery. Set (a VPC endpoint, an emulator): that endpoint,
+    /// discovery off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// `kohaku migrate` (and start-up) create the database and table when missing and keep the
+    /// table's retention equal to the two settings below.
+    pub create_if_missing: bool,
+    pub memory_store_retention_hours: u32,
+    pub magnetic_store_retention_days: u32,
+    /// Records per WriteRecords call, at most Timestream's 100.
+    pub max_records_per_write: usize,
+    /// WriteRecords calls in flight at once.
+    pub max_concurrent_writes: usize,
+    /// Seconds one attempt of a call may take before the SDK retries it.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for TimestreamSinkConfig {
+    fn default() -> Self {
+        Self {
+            region: None,
+            database: "kohaku".to_owned(),
+            table: "rtc_stats".to_owned(),
+            endpoint_url: None,
+            create_if_missing: false,
+            memory_store_retention_hours: 24,
+            magnetic_store_retention_days: 365,
+            max_records_per_write: 100,
+            max_concurrent_writes: 4,
+            request_timeout_secs: 20,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqliteSinkConfig {
@@ -360,7 +406,7 @@ impl Config {
     pub fn effective_sinks(&self) -> SinksConfig {
         self.sinks.clone().unwrap_or_else(|| SinksConfig {
             sqlite: Some(SqliteSinkConfig::default()),
-            timescaledb: None,
+            ..SinksConfig::default()
         })
     }
 

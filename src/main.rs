@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kohaku::app::App;
-use kohaku::config::Config;
+use kohaku::config::{Config, ConfigSource};
 
 /// Kohaku: receives Sora's WebRTC stats over HTTP/2 and stores them in time-series databases.
 #[derive(Parser)]
@@ -81,17 +81,17 @@ fn main() -> ExitCode {
 }
 
 fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let (config, _source) = Config::load(path)?;
+    let (config, source) = Config::load(path)?;
     kohaku::server::tls::server_config(&config.server)?;
-    kohaku::sinks::check(&config.effective_sinks())?;
+    check_sinks(&config, &source)?;
     print!("{}", config.to_effective_toml());
     Ok(ExitCode::SUCCESS)
 }
 
 async fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let (config, _source) = Config::load(path)?;
+    let (config, source) = Config::load(path)?;
     let _logs = kohaku::logging::init(&config.log, config.debug)?;
-    let sinks = kohaku::sinks::build(&config.effective_sinks())?;
+    let sinks = build_sinks(&config, &source)?;
     kohaku::sinks::migrate(&sinks).await?;
     for sink in &sinks {
         let _ = sink.close().await;
@@ -105,12 +105,12 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 
     use kohaku::import::{Console, ImportOptions, Input, Inputs};
 
-    let (config, _source) = Config::load(args.config.config.as_deref())?;
+    let (config, source) = Config::load(args.config.config.as_deref())?;
     let console = Console::detect();
     kohaku::logging::init_console(config.debug, console.clone())?;
     let inputs: Vec<Input> = args.files.into_iter().map(Input::from_arg).collect();
     let inputs = Inputs::open(&inputs)?;
-    let sinks = kohaku::sinks::build(&config.effective_sinks())?;
+    let sinks = build_sinks(&config, &source)?;
     kohaku::sinks::migrate(&sinks).await?;
 
     let cancel = Arc::new(AtomicBool::new(false));
@@ -154,7 +154,7 @@ async fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let (config, source) = Config::load(path)?;
     let _logs = kohaku::logging::init(&config.log, config.debug)?;
     tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "kohaku starting");
-    let sinks = kohaku::sinks::build(&config.effective_sinks())?;
+    let sinks = build_sinks(&config, &source)?;
     kohaku::sinks::migrate(&sinks).await?;
     let app = App::start(&config, sinks)
         .await
@@ -177,6 +177,20 @@ async fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Sink settings are checked by their backends; the error names the config it came from.
+fn check_sinks(config: &Config, source: &ConfigSource) -> anyhow::Result<()> {
+    kohaku::sinks::check(&config.effective_sinks())
+        .with_context(|| format!("invalid config ({source})"))
+}
+
+fn build_sinks(
+    config: &Config,
+    source: &ConfigSource,
+) -> anyhow::Result<Vec<std::sync::Arc<dyn kohaku_sink::StatsSink>>> {
+    check_sinks(config, source)?;
+    Ok(kohaku::sinks::build(&config.effective_sinks())?)
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

@@ -35,6 +35,9 @@ pub fn check(config: &SinksConfig) -> Result<(), BuildError> {
     if let Some(timescaledb) = &config.timescaledb {
         check_timescaledb(timescaledb)?;
     }
+    if let Some(timestream) = &config.timestream {
+        check_timestream(timestream)?;
+    }
     Ok(())
 }
 
@@ -47,6 +50,9 @@ pub fn build(config: &SinksConfig) -> Result<Vec<Arc<dyn StatsSink>>, BuildError
     }
     if let Some(timescaledb) = &config.timescaledb {
         sinks.push(build_timescaledb(timescaledb)?);
+    }
+    if let Some(timestream) = &config.timestream {
+        sinks.push(build_timestream(timestream)?);
     }
     Ok(sinks)
 }
@@ -143,6 +149,72 @@ fn build_timescaledb(
     Err(BuildError::NotCompiled {
         sink: "timescaledb",
         feature: "timescaledb",
+    })
+}
+
+#[cfg(feature = "timestream")]
+fn timestream_options(
+    config: &crate::config::TimestreamSinkConfig,
+) -> kohaku_timestream::TimestreamOptions {
+    let mut options = kohaku_timestream::TimestreamOptions::new(&config.database, &config.table);
+    options.region.clone_from(&config.region);
+    options.endpoint_url.clone_from(&config.endpoint_url);
+    options.create_if_missing = config.create_if_missing;
+    options.memory_store_retention_hours = config.memory_store_retention_hours;
+    options.magnetic_store_retention_days = config.magnetic_store_retention_days;
+    options.max_records_per_write = config.max_records_per_write;
+    options.max_concurrent_writes = config.max_concurrent_writes;
+    options.request_timeout = std::time::Duration::from_secs(config.request_timeout_secs);
+    options
+}
+
+#[cfg(feature = "timestream")]
+fn check_timestream(config: &crate::config::TimestreamSinkConfig) -> Result<(), BuildError> {
+    timestream_options(config)
+        .validate()
+        .map_err(|source| BuildError::Invalid {
+            sink: "timestream",
+            source,
+        })
+}
+
+#[cfg(feature = "timestream")]
+fn build_timestream(
+    config: &crate::config::TimestreamSinkConfig,
+) -> Result<Arc<dyn StatsSink>, BuildError> {
+    let options = timestream_options(config);
+    let sink = kohaku_timestream::TimestreamSink::connect(options).map_err(|source| {
+        BuildError::Invalid {
+            sink: "timestream",
+            source,
+        }
+    })?;
+    let options = sink.options();
+    tracing::info!(
+        database = %options.database,
+        table = %options.table,
+        region = options.region.as_deref().unwrap_or("(from the AWS chain)"),
+        endpoint = options.endpoint_url.as_deref().unwrap_or("(endpoint discovery)"),
+        "timestream sink prepared"
+    );
+    Ok(Arc::new(sink))
+}
+
+#[cfg(not(feature = "timestream"))]
+fn check_timestream(_config: &crate::config::TimestreamSinkConfig) -> Result<(), BuildError> {
+    Err(BuildError::NotCompiled {
+        sink: "timestream",
+        feature: "timestream",
+    })
+}
+
+#[cfg(not(feature = "timestream"))]
+fn build_timestream(
+    _config: &crate::config::TimestreamSinkConfig,
+) -> Result<Arc<dyn StatsSink>, BuildError> {
+    Err(BuildError::NotCompiled {
+        sink: "timestream",
+        feature: "timestream",
     })
 }
 

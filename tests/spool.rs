@@ -32,6 +32,7 @@ fn spooled_config(dir: &Path, max_bytes: u64) -> Config {
             busy_timeout_ms: 20,
         }),
         timescaledb: None,
+        ..SinksConfig::default()
     });
     config
 }

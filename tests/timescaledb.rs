@@ -25,6 +25,7 @@ async fn reports_reach_postgres_and_sqlite_with_equal_json() {
             ..SqliteSinkConfig::default()
         }),
         timescaledb: Some(timescaledb_config(&url)),
+        ..SinksConfig::default()
     });
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;
@@ -108,6 +109,7 @@ async fn the_same_reports_twice_are_stored_once() {
     config.sinks = Some(SinksConfig {
         sqlite: None,
         timescaledb: Some(timescaledb_config(&url)),
+        ..SinksConfig::default()
     });
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;

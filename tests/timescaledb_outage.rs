@@ -29,6 +29,7 @@ async fn a_database_outage_loses_nothing_acknowledged() {
             statement_timeout_secs: 5,
             ..timescaledb_config(&url)
         }),
+        ..SinksConfig::default()
     });
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;

@@ -21,10 +21,21 @@ use kohaku_sink::{RawValue, StatsSink};
 use serde::Deserialize;
 use serde_json::Value;
 
-/// The `kohaku` binary under test, unaffected by the caller's KOHAKU_CONFIG and RUST_LOG.
+/// The `kohaku` binary under test, unaffected by the caller's KOHAKU_CONFIG and RUST_LOG, and
+/// with dummy AWS credentials and no instance-metadata lookups: a test must never reach AWS.
 pub fn kohaku_command() -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kohaku"));
-    command.env_remove("KOHAKU_CONFIG").env_remove("RUST_LOG");
+    command
+        .env_remove("KOHAKU_CONFIG")
+        .env_remove("RUST_LOG")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env("AWS_ACCESS_KEY_ID", "kohaku-test")
+        .env("AWS_SECRET_ACCESS_KEY", "kohaku-test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent/kohaku-test")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/kohaku-test");
     command
 }
 

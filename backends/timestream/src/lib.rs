@@ -31,7 +31,7 @@ use kohaku_sink::{SinkCounter, SinkError, StatsBatch, StatsSink, WriteReport};
 use tokio::sync::OnceCell;
 
 pub mod mapping;
-#[cfg(feature = "testkit")]
+/// Test support shared by this crate's tests and Kohaku's end-to-end tests.
 pub mod testkit;
 
 use mapping::{MeasureType, PlannedRequest};

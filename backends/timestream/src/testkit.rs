@@ -299,21 +299,29 @@ fn text(value: &Value) -> String {
 }
 
 /// What the table holds, rebuilt from the requests, after checking that moto stored exactly as
-/// many records as were sent to it.
+/// many records as were sent to it. Requests still in flight make the two differ for a moment,
+/// so the check is repeated until they agree (or a few seconds have passed).
 pub async fn stored_records(database: &str, table: &str) -> Vec<StoredRecord> {
-    let records: Vec<StoredRecord> = write_requests(database, table)
-        .await
-        .iter()
-        .flat_map(merge_request)
-        .collect();
-    let kept = moto_records(database, table).await.len();
-    assert_eq!(
-        kept,
-        records.len(),
-        "moto holds {kept} records of {database}.{table} but {} were sent",
-        records.len()
-    );
-    records
+    let mut attempts = 0;
+    loop {
+        let before = moto_records(database, table).await.len();
+        let records: Vec<StoredRecord> = write_requests(database, table)
+            .await
+            .iter()
+            .flat_map(merge_request)
+            .collect();
+        let after = moto_records(database, table).await.len();
+        if before == records.len() && after == records.len() {
+            return records;
+        }
+        attempts += 1;
+        assert!(
+            attempts < 100,
+            "moto holds {after} records of {database}.{table} but {} were sent",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the table holds at least `count` records of measure names other than

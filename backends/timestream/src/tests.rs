@@ -30,7 +30,8 @@ fn an_endpoint_turns_discovery_off() {
 
 #[test]
 fn settings_are_validated_naming_the_key() {
-    let cases: Vec<(fn(&mut TimestreamOptions), &str)> = vec![
+    type Change = fn(&mut TimestreamOptions);
+    let cases: Vec<(Change, &str)> = vec![
         (|o| o.database = "ab".into(), "database \"ab\""),
         (|o| o.table = "has space".into(), "table \"has space\""),
         (
