@@ -813,6 +813,18 @@ mod tests {
             (10, 60, 7, "1 day", 60),
             "config.example.toml shows a [sinks.timescaledb] value that is not the default"
         );
+        // And a commented-out [sinks.timestream], whose optional keys show sample values.
+        let mut timestream = documented
+            .sinks
+            .as_mut()
+            .and_then(|sinks| sinks.timestream.take())
+            .expect("config.example.toml documents [sinks.timestream]");
+        assert!(timestream.region.take().is_some() && timestream.endpoint_url.take().is_some());
+        assert_eq!(
+            timestream,
+            TimestreamSinkConfig::default(),
+            "config.example.toml shows a [sinks.timestream] value that is not the default"
+        );
         assert_eq!(
             documented, expected,
             "config.example.toml shows a value that is not the default"

@@ -164,6 +164,14 @@ pub async fn reset() {
     assert_eq!(status, 200, "moto recorder reset");
 }
 
+/// [`reset`], once per test process, before the first test of the process uses moto. Only for a
+/// test binary that has moto to itself while it runs, as `cargo test` runs binaries one after
+/// another; it keeps moto's state (which `data.json` serialises whole on every read) small.
+pub async fn reset_once() {
+    static RESET: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    RESET.get_or_init(reset).await;
+}
+
 /// Records of one table as moto keeps them (`GET /moto-api/data.json`), CommonAttributes lost.
 pub async fn moto_records(database: &str, table: &str) -> Vec<Value> {
     let data = moto_json("GET", "/moto-api/data.json").await;
@@ -299,25 +307,24 @@ fn text(value: &Value) -> String {
 }
 
 /// What the table holds, rebuilt from the requests, after checking that moto stored exactly as
-/// many records as were sent to it. Requests still in flight make the two differ for a moment,
-/// so the check is repeated until they agree (or a few seconds have passed).
+/// many records as were sent to it. A request still in flight makes the two differ for a moment
+/// (moto records a request before it stores it), so the check is repeated until they agree.
 pub async fn stored_records(database: &str, table: &str) -> Vec<StoredRecord> {
     let mut attempts = 0;
     loop {
-        let before = moto_records(database, table).await.len();
         let records: Vec<StoredRecord> = write_requests(database, table)
             .await
             .iter()
             .flat_map(merge_request)
             .collect();
-        let after = moto_records(database, table).await.len();
-        if before == records.len() && after == records.len() {
+        let kept = moto_records(database, table).await.len();
+        if kept == records.len() {
             return records;
         }
         attempts += 1;
         assert!(
             attempts < 100,
-            "moto holds {after} records of {database}.{table} but {} were sent",
+            "moto holds {kept} records of {database}.{table} but {} were sent",
             records.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

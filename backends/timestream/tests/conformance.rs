@@ -2,12 +2,16 @@
 //! against the moto emulator (`scripts/test` starts it).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnection, StoredStats};
 use kohaku_sink::testkit::sample;
-use kohaku_sink::{Connection, OffsetDateTime, RawValue, StatsObject, StatsSink};
+use kohaku_sink::{
+    Connection, OffsetDateTime, RawValue, SinkError, StatsBatch, StatsObject, StatsSink,
+    WriteReport,
+};
 use kohaku_timestream::mapping::{self, CONNECTION_MEASURE};
 use kohaku_timestream::testkit::{self, OutageProxy, StoredRecord};
 use kohaku_timestream::TimestreamSink;
@@ -17,12 +21,41 @@ struct MotoTarget {
     sink: Arc<TimestreamSink>,
     database: String,
     proxy: OutageProxy,
+    /// What the table held at the last read, and the write count it was read after: the suite
+    /// reads once per connection, and rebuilding 10,000 records each time is slow.
+    writes: Arc<AtomicU64>,
+    cache: tokio::sync::Mutex<Option<(u64, Vec<StoredRecord>)>>,
+}
+
+/// The sink under test, counting writes so that the target knows when the table changed.
+struct CountingSink {
+    inner: Arc<TimestreamSink>,
+    writes: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl StatsSink for CountingSink {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn migrate(&self) -> Result<(), SinkError> {
+        self.inner.migrate().await
+    }
+    async fn write(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
+        let result = self.inner.write(batch).await;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        result
+    }
+    async fn health(&self) -> Result<(), SinkError> {
+        self.inner.health().await
+    }
 }
 
 const TABLE: &str = "rtc_stats";
 
 impl MotoTarget {
     async fn new(prefix: &str) -> Self {
+        testkit::reset_once().await;
         let proxy = OutageProxy::start(&testkit::moto_url()).await;
         let database = testkit::fresh_database(prefix);
         let sink = testkit::sink(&proxy.url(), testkit::options(&proxy.url(), &database)).await;
@@ -31,11 +64,22 @@ impl MotoTarget {
             sink: Arc::new(sink),
             database,
             proxy,
+            writes: Arc::default(),
+            cache: tokio::sync::Mutex::new(None),
         }
     }
 
     async fn records(&self) -> Vec<StoredRecord> {
-        testkit::stored_records(&self.database, TABLE).await
+        let writes = self.writes.load(Ordering::SeqCst);
+        let mut cache = self.cache.lock().await;
+        match &*cache {
+            Some((at, records)) if *at == writes => records.clone(),
+            _ => {
+                let records = testkit::stored_records(&self.database, TABLE).await;
+                *cache = Some((writes, records.clone()));
+                records
+            }
+        }
     }
 }
 
@@ -90,7 +134,10 @@ fn flattened(sent: &Map<String, Value>, prefix: &str, out: &mut Map<String, Valu
 #[async_trait]
 impl ConformanceTarget for MotoTarget {
     fn sink(&self) -> Arc<dyn StatsSink> {
-        self.sink.clone()
+        Arc::new(CountingSink {
+            inner: self.sink.clone(),
+            writes: self.writes.clone(),
+        })
     }
 
     async fn stored_stats(&self, connection_id: &str) -> Vec<StoredStats> {
@@ -240,6 +287,7 @@ async fn rewrite_sends_identical_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_hold_at_most_max_records_and_share_connection_dimensions() {
+    testkit::reset_once().await;
     let proxy = OutageProxy::start(&testkit::moto_url()).await;
     let database = testkit::fresh_database("split");
     let mut options = testkit::options(&proxy.url(), &database);
@@ -292,6 +340,7 @@ async fn requests_hold_at_most_max_records_and_share_connection_dimensions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_creates_with_retention_or_names_what_is_missing() {
+    testkit::reset_once().await;
     let url = testkit::moto_url();
     let database = testkit::fresh_database("migrate");
     let mut options = testkit::options(&url, &database);
