@@ -462,7 +462,7 @@ pub fn classify_write_error(err: SdkError<WriteRecordsError>) -> RequestOutcome 
                 _ => RequestOutcome::Failed(message),
             },
         },
-        SdkError::ConstructionFailure(_) => RequestOutcome::Refused(message),
+        // Also where credentials could not be loaded or refreshed: not the data's fault.
         _ => RequestOutcome::Failed(message),
     }
 }
@@ -650,6 +650,7 @@ impl StatsSink for TimestreamSink {
         let plan = mapping::plan(batch);
         let mut report = WriteReport {
             rejected: plan.refused.clone(),
+            duplicates: plan.duplicates,
             ..WriteReport::default()
         };
         let omitted = plan.omitted_values;

@@ -3,6 +3,8 @@
 //! Kept apart from the network code so that the mapping, Timestream's limits and the splitting into
 //! requests can be tested exactly; the emulator the integration tests use enforces none of them.
 
+use std::collections::HashSet;
+
 use kohaku_sink::{RejectedRow, Report, StatsBatch, StatsObject};
 use serde_json::Value;
 
@@ -204,6 +206,10 @@ pub struct Plan {
     /// `null` members and empty strings: Timestream has no empty VARCHAR and no NULL literal, so
     /// they are stored as absent measures (which read back as NULL).
     pub omitted_values: u64,
+    /// Objects that repeat an earlier one of the batch (same connection, id and timestamp; e.g.
+    /// a report delivered twice). Only the first is sent: Timestream would reject the second as a
+    /// conflict within the request, where the SQL backends count it as a duplicate.
+    pub duplicates: u64,
 }
 
 impl Plan {
@@ -224,13 +230,22 @@ pub struct PlannedRequest {
 /// Maps every object of the batch, and one connection record per report.
 pub fn plan(batch: &StatsBatch) -> Plan {
     let mut plan = Plan::default();
+    let mut seen = Seen::default();
     for report in batch.reports() {
-        plan_report(report, &mut plan);
+        plan_report(report, &mut plan, &mut seen);
     }
     plan
 }
 
-fn plan_report(report: &Report, plan: &mut Plan) {
+/// Keys already planned in this batch: objects by `(connection_id, rtc_id, timestamp bits)`,
+/// connection records by `(connection_id, time)`.
+#[derive(Default)]
+struct Seen {
+    objects: HashSet<(String, String, u64)>,
+    connections: HashSet<(String, i64)>,
+}
+
+fn plan_report(report: &Report, plan: &mut Plan, seen: &mut Seen) {
     let connection = &report.connection;
     let mut shared = vec![
         dimension("channel_id", &connection.channel_id),
@@ -269,9 +284,13 @@ fn plan_report(report: &Report, plan: &mut Plan) {
         time_us: sora_timestamp_us,
         measures: connection_measures,
     };
-    // Without its connection record the report's rows would still be stored; a connection
-    // record that breaks a limit (a 2 KB label) is dropped with a warning by the caller.
-    if check_record(&connection_record).is_ok() {
+    // Without its connection record the report's rows are still stored; a connection record
+    // that breaks a limit (a 2 KB label) is dropped with a warning.
+    let connection_key = (connection.connection_id.clone(), sora_timestamp_us);
+    if seen.connections.contains(&connection_key) {
+        // Same connection, same report time: an identical record is planned already.
+    } else if check_record(&connection_record).is_ok() {
+        seen.connections.insert(connection_key);
         records.push(connection_record);
     } else {
         tracing::warn!(
@@ -281,6 +300,15 @@ fn plan_report(report: &Report, plan: &mut Plan) {
     }
 
     for object in &report.stats {
+        let key = (
+            connection.connection_id.clone(),
+            object.rtc_id.clone(),
+            object.rtc_timestamp.to_bits(),
+        );
+        if !seen.objects.insert(key) {
+            plan.duplicates += 1;
+            continue;
+        }
         let origin = Origin::Stats {
             connection_id: connection.connection_id.clone(),
             rtc_id: object.rtc_id.clone(),

@@ -134,6 +134,8 @@ fn write_errors_are_classified() {
             403,
         ),
         SdkError::timeout_error("attempt timed out"),
+        // What a missing or expired credential looks like: the request is never sent.
+        SdkError::construction_failure("failed to load credentials"),
         SdkError::dispatch_failure(ConnectorError::io("connection refused".into())),
     ];
     for err in transient {

@@ -372,3 +372,24 @@ fn the_same_batch_always_plans_the_same_records() {
     let batch = sample::batch([sample::every_type_report(sample::connection(5), 1.0e12)]);
     assert_eq!(split(plan(&batch), 100), split(plan(&batch), 100));
 }
+
+#[test]
+fn an_object_repeated_in_the_batch_is_planned_once_and_counted_as_duplicate() {
+    let report = sample::report(sample::connection(12), 1.0e12, 5);
+    let mut later = report.clone();
+    later.sora_timestamp = sample::time_of(1.0e12 + 60_000.0);
+    let plan = plan(&batch_of(vec![report.clone(), report, later]));
+    assert_eq!(
+        plan.duplicates, 10,
+        "the second and third copies of 5 objects"
+    );
+    // One connection record per distinct report time.
+    let connection_records = plan
+        .reports
+        .iter()
+        .flatten()
+        .filter(|r| !r.origin.is_stats())
+        .count();
+    assert_eq!(connection_records, 2);
+    assert_eq!(plan.record_count(), 7);
+}
