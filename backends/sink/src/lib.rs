@@ -197,6 +197,23 @@ impl SinkError {
         }
     }
 
+    /// A failure described by its message alone, retried or not as `transient` says; for
+    /// backends that classify an error before they wrap it.
+    pub fn classified(transient: bool, message: impl Into<String>) -> Self {
+        let message = message.into();
+        if transient {
+            Self::Transient {
+                message,
+                source: None,
+            }
+        } else {
+            Self::Permanent {
+                message,
+                source: None,
+            }
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Transient { .. })
     }

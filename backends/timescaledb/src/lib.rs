@@ -752,17 +752,7 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
 
 fn classify_error(context: &str, err: sqlx::Error) -> SinkError {
     let message = format!("{context}: {}", redact_uri(&err.to_string()));
-    if is_transient(&err) {
-        SinkError::Transient {
-            message,
-            source: None,
-        }
-    } else {
-        SinkError::Permanent {
-            message,
-            source: None,
-        }
-    }
+    SinkError::classified(is_transient(&err), message)
 }
 
 fn classify(context: &'static str) -> impl Fn(sqlx::Error) -> SinkError {

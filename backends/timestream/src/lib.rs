@@ -77,10 +77,7 @@ impl TimestreamOptions {
 
     /// Checks the settings without contacting anything.
     pub fn validate(&self) -> Result<(), SinkError> {
-        let invalid = |message: String| SinkError::Permanent {
-            message,
-            source: None,
-        };
+        let invalid = |message: String| SinkError::classified(false, message);
         for (key, name) in [("database", &self.database), ("table", &self.table)] {
             let valid_chars = name
                 .chars()
@@ -220,10 +217,10 @@ impl TimestreamSink {
         if let Some(region) = &self.options.region {
             builder = builder.region(Region::new(region.clone()));
         } else if sdk_config.region().is_none() {
-            return Err(SinkError::Permanent {
-                message: "no AWS region: set region in [sinks.timestream] or AWS_REGION".into(),
-                source: None,
-            });
+            return Err(SinkError::classified(
+                false,
+                "no AWS region: set region in [sinks.timestream] or AWS_REGION",
+            ));
         }
         match self.options.endpoint_mode() {
             EndpointMode::Fixed(url) => {
@@ -262,12 +259,7 @@ impl TimestreamSink {
             Ok(_) => Ok(()),
             Err(err) if is_not_found(&err) => {
                 if !self.options.create_if_missing {
-                    return Err(SinkError::Permanent {
-                        message: format!(
-                            "Timestream database {database:?} does not exist; create it, or set create_if_missing = true in [sinks.timestream]"
-                        ),
-                        source: None,
-                    });
+                    return Err(missing(format!("Timestream database {database:?}")));
                 }
                 match client
                     .create_database()
@@ -338,12 +330,7 @@ impl TimestreamSink {
             }
             Err(err) if is_not_found(&err) => {
                 if !self.options.create_if_missing {
-                    return Err(SinkError::Permanent {
-                        message: format!(
-                            "Timestream table {path} does not exist; create it, or set create_if_missing = true in [sinks.timestream]"
-                        ),
-                        source: None,
-                    });
+                    return Err(missing(format!("Timestream table {path}")));
                 }
                 // Late reports (a restarted Kohaku replaying its spool, `kohaku import` of an
                 // old log) are older than the memory store keeps: they go to the magnetic store.
@@ -617,18 +604,18 @@ where
         SdkError::ConstructionFailure(_) => false,
         _ => true,
     };
-    let message = format!("{context}: {}", DisplayErrorContext(&err));
-    if transient {
-        SinkError::Transient {
-            message,
-            source: None,
-        }
-    } else {
-        SinkError::Permanent {
-            message,
-            source: None,
-        }
-    }
+    SinkError::classified(
+        transient,
+        format!("{context}: {}", DisplayErrorContext(&err)),
+    )
+}
+
+/// The database or table is not there and Kohaku was not asked to create it.
+fn missing(what: String) -> SinkError {
+    SinkError::classified(
+        false,
+        format!("{what} does not exist; create it, or set create_if_missing = true in [sinks.timestream]"),
+    )
 }
 
 #[async_trait]
@@ -680,10 +667,10 @@ impl StatsSink for TimestreamSink {
         if let Some(message) = failure {
             // The requests that succeeded are stored; the retry rewrites them unchanged, which
             // Timestream accepts as a no-op.
-            return Err(SinkError::Transient {
-                message: format!("write to {}: {message}", self.table_path()),
-                source: None,
-            });
+            return Err(SinkError::classified(
+                true,
+                format!("write to {}: {message}", self.table_path()),
+            ));
         }
         let counters = &self.counters;
         counters
@@ -710,13 +697,15 @@ impl StatsSink for TimestreamSink {
             .send()
             .await
             .map(|_| ())
-            .map_err(|err| SinkError::Transient {
-                message: format!(
-                    "cannot describe {}: {}",
-                    self.table_path(),
-                    DisplayErrorContext(&err)
-                ),
-                source: None,
+            .map_err(|err| {
+                SinkError::classified(
+                    true,
+                    format!(
+                        "cannot describe {}: {}",
+                        self.table_path(),
+                        DisplayErrorContext(&err)
+                    ),
+                )
             })
     }
 

@@ -174,14 +174,10 @@ pub async fn reset_once() {
 
 /// Records of one table as moto keeps them (`GET /moto-api/data.json`), CommonAttributes lost.
 pub async fn moto_records(database: &str, table: &str) -> Vec<Value> {
-    let data = moto_json("GET", "/moto-api/data.json").await;
-    data["timestreamwrite"]["TimestreamTable"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|t| t["db_name"] == database && t["name"] == table)
-        .flat_map(|t| t["records"].as_array().cloned().unwrap_or_default())
-        .collect()
+    moto_table(database, table)
+        .await
+        .and_then(|table| table["records"].as_array().cloned())
+        .unwrap_or_default()
 }
 
 /// A table as moto describes it (`data.json`), if it exists.
