@@ -1,0 +1,852 @@
+//! Kohaku against the physical limits of this machine, every figure next to a baseline measured in
+//! the same run. Run through `./scripts/bench`, which builds release, installs h2load and starts a
+//! throwaway PostgreSQL; the table it prints is the result.
+//!
+//! Rows:
+//! 1. HTTP/2 ingest into a sink that discards, against a bare hyper h2c server answering 204 after
+//!    reading the same body (h2load drives both).
+//! 2. End to end into SQLite (the real `kohaku` binary, unique reports over HTTP/2, until every
+//!    object is stored), against a minimal rusqlite loop inserting the same rows into the same
+//!    table in one transaction.
+//! 3. End to end into PostgreSQL, against `psql \copy` of the same rows into the same table.
+//! 4. Peak RSS of `kohaku serve` driven at twice its sustainable rate (it must answer 503, not
+//!    grow).
+//! 5. Rows 2 and 3 with the durable spool on.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use kohaku_sink::{SinkError, StatsBatch, StatsSink, WriteReport};
+use serde_json::Value;
+
+const CONNECTION_USER_AGENT: &str = "connection.user-agent";
+const OBJECTS_PER_REPORT: usize = 30;
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+struct Settings {
+    kohaku: PathBuf,
+    pg_url: Option<String>,
+    reports: usize,
+    h2load_requests: usize,
+    overload_secs: u64,
+    work: tempfile::TempDir,
+}
+
+/// One generated report: its body, and its rows as the SQL backends store them.
+struct Generated {
+    body: Bytes,
+    rows: Vec<Row>,
+}
+
+struct Row {
+    connection_id: String,
+    session_id: String,
+    rtc_type: String,
+    rtc_id: String,
+    rtc_timestamp: f64,
+    rtc_data: String,
+}
+
+const CHANNEL_ID: &str = "bench";
+const SORA_TIMESTAMP: &str = "2025-07-25T06:06:51.592776Z";
+
+/// Reports shaped like the Chromium fixture (its first 30 objects), each with its own connection
+/// and its own timestamps, so no row repeats another.
+fn generate(count: usize) -> Vec<Generated> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chromium/rtc_stats.chromium-av.jsonl");
+    let text = std::fs::read_to_string(&fixture).expect("chromium fixture");
+    let templates: Vec<Value> = text
+        .lines()
+        .take(OBJECTS_PER_REPORT)
+        .map(|line| serde_json::from_str::<Value>(line).expect("fixture line")["rtc_data"].clone())
+        .collect();
+    (0..count)
+        .map(|i| {
+            let connection_id = format!("BENCH{i:021}");
+            let session_id = format!("SESSION{:019}", i / 4);
+            let base = 1_753_423_611_556.525 + (i as f64) * 1_000.0;
+            let rows: Vec<Row> = templates
+                .iter()
+                .enumerate()
+                .map(|(j, template)| {
+                    let mut object = template.clone();
+                    let rtc_id = format!("{}-{j}", object["id"].as_str().unwrap_or("X"));
+                    let rtc_timestamp = base + j as f64 * 0.001;
+                    object["id"] = Value::from(rtc_id.clone());
+                    object["timestamp"] = Value::from(rtc_timestamp);
+                    Row {
+                        connection_id: connection_id.clone(),
+                        session_id: session_id.clone(),
+                        rtc_type: object["type"].as_str().unwrap_or("codec").to_owned(),
+                        rtc_id,
+                        rtc_timestamp,
+                        rtc_data: object.to_string(),
+                    }
+                })
+                .collect();
+            let stats: Vec<&str> = rows.iter().map(|row| row.rtc_data.as_str()).collect();
+            let body = format!(
+                r#"{{"type":"{CONNECTION_USER_AGENT}","timestamp":"{SORA_TIMESTAMP}","label":"WebRTC SFU Sora","version":"2025.2.1","node_name":"sora@127.0.0.1","role":"sendrecv","multistream":true,"simulcast":false,"spotlight":false,"channel_id":"{CHANNEL_ID}","session_id":"{session_id}","client_id":"{connection_id}","connection_id":"{connection_id}","bundle_id":"{connection_id}","stats":[{}]}}"#,
+                stats.join(",")
+            );
+            Generated {
+                body: Bytes::from(body),
+                rows,
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 load.
+
+#[derive(Default)]
+struct Load {
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    busy: AtomicU64,
+    other: AtomicU64,
+}
+
+async fn h2_sender(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, AnyError> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+fn report_request(body: Bytes) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(Method::POST)
+        .uri("/collector")
+        .header("x-sora-stats-exporter-type", CONNECTION_USER_AGENT)
+        .header("content-type", "application/json")
+        .body(Full::new(body))
+        .expect("request")
+}
+
+/// Sends every body once (retrying a 503 after a pause, as Sora does), over `connections` HTTP/2
+/// connections with `streams` requests in flight on each.
+async fn send_all(
+    addr: SocketAddr,
+    bodies: Arc<Vec<Bytes>>,
+    connections: usize,
+    streams: usize,
+    load: Arc<Load>,
+) -> Result<(), AnyError> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let sender = h2_sender(addr).await?;
+        for _ in 0..streams {
+            let (mut sender, bodies, next, load) =
+                (sender.clone(), bodies.clone(), next.clone(), load.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(body) = bodies.get(index) else { break };
+                    loop {
+                        load.sent.fetch_add(1, Ordering::Relaxed);
+                        let answer = sender.send_request(report_request(body.clone())).await;
+                        match answer.map(|response| response.status()) {
+                            Ok(StatusCode::NO_CONTENT) => {
+                                load.accepted.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            Ok(StatusCode::SERVICE_UNAVAILABLE) => {
+                                load.busy.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            _ => {
+                                load.other.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await?;
+    }
+    Ok(())
+}
+
+/// Open loop: `rate` requests per second for `duration`, at most `max_in_flight` at once; a 503 is
+/// counted, not retried.
+async fn offer(
+    addr: SocketAddr,
+    bodies: Arc<Vec<Bytes>>,
+    rate: f64,
+    duration: Duration,
+    load: Arc<Load>,
+) -> Result<(), AnyError> {
+    let senders: Vec<_> = {
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            senders.push(h2_sender(addr).await?);
+        }
+        senders
+    };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                break;
+            };
+            let body = bodies[sent as usize % bodies.len()].clone();
+            let mut sender = senders[sent as usize % senders.len()].clone();
+            let load = load.clone();
+            sent += 1;
+            tokio::spawn(async move {
+                load.sent.fetch_add(1, Ordering::Relaxed);
+                match sender
+                    .send_request(report_request(body))
+                    .await
+                    .map(|r| r.status())
+                {
+                    Ok(StatusCode::NO_CONTENT) => load.accepted.fetch_add(1, Ordering::Relaxed),
+                    Ok(StatusCode::SERVICE_UNAVAILABLE) => {
+                        load.busy.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => load.other.fetch_add(1, Ordering::Relaxed),
+                };
+                drop(permit);
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = in_flight.acquire_many(512).await;
+    Ok(())
+}
+
+async fn metric(exporter: SocketAddr, series: &str) -> Result<f64, AnyError> {
+    let mut sender = h2_sender(exporter).await?;
+    let request = Request::builder()
+        .uri("/metrics")
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    let text = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
+    Ok(text
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kohaku binary.
+
+struct Served {
+    child: Child,
+    ingest: SocketAddr,
+    exporter: SocketAddr,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Served {
+    /// Peak resident set (VmHWM) so far, in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+fn serve(settings: &Settings, name: &str, sinks: &str, spool: bool) -> Result<Served, AnyError> {
+    use std::io::BufRead;
+    let dir = settings.work.path().join(name);
+    std::fs::create_dir_all(&dir)?;
+    let spool = if spool {
+        format!(
+            "[spool]\ndir = \"{}\"\nmax_bytes = 4294967296\n",
+            dir.join("spool").display()
+        )
+    } else {
+        String::new()
+    };
+    let config = format!(
+        "[server]\nlisten_addr = \"127.0.0.1\"\nlisten_port = 0\n[exporter]\nlisten_port = 0\n\
+         {spool}{sinks}"
+    );
+    std::fs::write(dir.join("k.toml"), config)?;
+    let mut child = Command::new(&settings.kohaku)
+        .args(["serve", "--config", "k.toml"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    loop {
+        let line = lines.next().ok_or("kohaku exited before listening")??;
+        let event: Value = serde_json::from_str(&line).unwrap_or_default();
+        if event["message"] == "kohaku listening" {
+            let served = Served {
+                child,
+                ingest: event["ingest_addr"]
+                    .as_str()
+                    .ok_or("ingest_addr")?
+                    .parse()?,
+                exporter: event["exporter_addr"]
+                    .as_str()
+                    .ok_or("exporter_addr")?
+                    .parse()?,
+            };
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines.by_ref() {});
+            return Ok(served);
+        }
+    }
+}
+
+/// Sends every report and waits until `sink` has stored every object; objects per second.
+async fn end_to_end(served: &Served, reports: &[Generated], sink: &str) -> Result<f64, AnyError> {
+    let bodies: Arc<Vec<Bytes>> = Arc::new(reports.iter().map(|r| r.body.clone()).collect());
+    let objects = (reports.len() * OBJECTS_PER_REPORT) as f64;
+    let series = format!("kohaku_sink_rows_written_total{{sink=\"{sink}\"}}");
+    let load = Arc::new(Load::default());
+    let start = Instant::now();
+    send_all(served.ingest, bodies, 4, 16, load.clone()).await?;
+    let deadline = start + Duration::from_secs(300);
+    loop {
+        let written = metric(served.exporter, &series).await?;
+        if written >= objects {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("{sink}: {written} of {objects} objects stored after 300 s").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let other = load.other.load(Ordering::Relaxed);
+    if other > 0 {
+        return Err(format!("{sink}: {other} requests answered neither 204 nor 503").into());
+    }
+    Ok(objects / elapsed)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baselines.
+
+/// A minimal hyper h2c server: reads the whole body, answers 204.
+async fn bare_server() -> Result<SocketAddr, AnyError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let _ = request.into_body().collect().await;
+                        Ok::<_, hyper::Error>(
+                            Response::builder()
+                                .status(StatusCode::NO_CONTENT)
+                                .body(Full::new(Bytes::new()))
+                                .expect("response"),
+                        )
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Accepts and forgets: Kohaku's own cost without a store.
+struct DiscardSink;
+
+#[async_trait]
+impl StatsSink for DiscardSink {
+    fn name(&self) -> &str {
+        "discard"
+    }
+    async fn migrate(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn write(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
+        Ok(WriteReport {
+            written: batch.row_count() as u64,
+            ..WriteReport::default()
+        })
+    }
+    async fn health(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+struct H2load {
+    requests_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    failed: u64,
+}
+
+fn h2load(
+    settings: &Settings,
+    addr: SocketAddr,
+    body: &[u8],
+    name: &str,
+) -> Result<H2load, AnyError> {
+    let body_file = settings.work.path().join(format!("{name}.json"));
+    let log_file = settings.work.path().join(format!("{name}.log"));
+    std::fs::write(&body_file, body)?;
+    let output = Command::new("h2load")
+        .args([
+            "-n",
+            &settings.h2load_requests.to_string(),
+            "-c",
+            "16",
+            "-m",
+            "10",
+            "-t",
+            "1",
+        ])
+        .arg("-d")
+        .arg(&body_file)
+        .args(["-H", "x-sora-stats-exporter-type: connection.user-agent"])
+        .args(["-H", "content-type: application/json"])
+        .arg(format!("--log-file={}", log_file.display()))
+        .arg(format!("http://{addr}/collector"))
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!("h2load failed: {text}").into());
+    }
+    let requests_per_sec = text
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("finished in ")?;
+            rest.split(", ")
+                .nth(1)?
+                .strip_suffix(" req/s")?
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| format!("no rate in h2load's output: {text}"))?;
+    let failed = text
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("requests: ")?;
+            rest.split(", ")
+                .find_map(|part| part.strip_suffix(" failed")?.parse().ok())
+        })
+        .unwrap_or(0);
+    // The log's lines are "start µs, status, duration µs".
+    let mut durations: Vec<f64> = std::fs::read_to_string(&log_file)?
+        .lines()
+        .filter_map(|line| line.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    durations.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        durations
+            .get(((durations.len() as f64 * p) as usize).min(durations.len().saturating_sub(1)))
+            .map_or(0.0, |us| us / 1000.0)
+    };
+    Ok(H2load {
+        requests_per_sec,
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        failed,
+    })
+}
+
+fn sqlite_ceiling(settings: &Settings, reports: &[Generated]) -> Result<f64, AnyError> {
+    let path = settings.work.path().join("ceiling.db");
+    kohaku_migrate(
+        settings,
+        "sqlite-ceiling",
+        &format!("[sinks.sqlite]\npath = \"{}\"\n", path.display()),
+    )?;
+    let mut connection = rusqlite::Connection::open(&path)?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    let start = Instant::now();
+    let tx = connection.transaction()?;
+    {
+        let mut insert = tx.prepare(
+            "INSERT INTO rtc_stats (channel_id, session_id, client_id, connection_id, bundle_id, \
+             rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        for row in reports.iter().flat_map(|r| &r.rows) {
+            insert.execute(rusqlite::params![
+                CHANNEL_ID,
+                row.session_id,
+                row.connection_id,
+                row.connection_id,
+                row.connection_id,
+                row.rtc_type,
+                row.rtc_id,
+                row.rtc_timestamp,
+                row.rtc_data,
+                SORA_TIMESTAMP,
+                SORA_TIMESTAMP,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok((reports.len() * OBJECTS_PER_REPORT) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `kohaku migrate` with `sinks` as its config: the schema exactly as Kohaku creates it.
+fn kohaku_migrate(settings: &Settings, name: &str, sinks: &str) -> Result<(), AnyError> {
+    let config = settings.work.path().join(format!("{name}.toml"));
+    std::fs::write(&config, sinks)?;
+    let status = Command::new(&settings.kohaku)
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        return Err(format!("kohaku migrate ({name}) failed").into());
+    }
+    Ok(())
+}
+
+fn psql(url: &str, command: &str) -> Result<String, AnyError> {
+    let output = Command::new("psql")
+        .args([
+            url,
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            command,
+        ])
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "psql {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// A fresh database on the bench cluster, migrated by `kohaku migrate`; its URL.
+fn pg_database(settings: &Settings, admin_url: &str, name: &str) -> Result<String, AnyError> {
+    psql(admin_url, &format!("CREATE DATABASE {name}"))?;
+    let url = match admin_url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => return Err("PostgreSQL URL without a database".into()),
+    };
+    kohaku_migrate(
+        settings,
+        name,
+        &format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"),
+    )?;
+    Ok(url)
+}
+
+fn copy_field(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            other => out.push(other),
+        }
+    }
+}
+
+fn postgres_ceiling(
+    settings: &Settings,
+    admin_url: &str,
+    reports: &[Generated],
+) -> Result<f64, AnyError> {
+    let url = pg_database(settings, admin_url, "bench_ceiling")?;
+    let file = settings.work.path().join("rows.copy");
+    let mut text = String::new();
+    for row in reports.iter().flat_map(|r| &r.rows) {
+        let rtc_time =
+            kohaku_sink::format_timestamp(kohaku_sink::OffsetDateTime::from_unix_timestamp_nanos(
+                (row.rtc_timestamp * 1e6) as i128,
+            )?);
+        for field in [
+            rtc_time.as_str(),
+            CHANNEL_ID,
+            &row.session_id,
+            &row.connection_id,
+            &row.connection_id,
+            &row.connection_id,
+            &row.rtc_type,
+            &row.rtc_id,
+        ] {
+            copy_field(&mut text, field);
+            text.push('\t');
+        }
+        text.push_str(&format!("{:?}\t", row.rtc_timestamp));
+        copy_field(&mut text, &row.rtc_data);
+        text.push_str(&format!("\t{SORA_TIMESTAMP}\t{SORA_TIMESTAMP}\n"));
+    }
+    std::fs::write(&file, text)?;
+    let start = Instant::now();
+    psql(
+        &url,
+        &format!(
+            "\\copy rtc_stats (rtc_time, channel_id, session_id, client_id, connection_id, bundle_id, \
+             rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) FROM '{}'",
+            file.display()
+        ),
+    )?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let stored: f64 = psql(&url, "SELECT count(*) FROM rtc_stats")?.parse()?;
+    Ok(stored / elapsed)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Line {
+    what: String,
+    value: String,
+    baseline: String,
+    ratio: Option<f64>,
+    target: &'static str,
+}
+
+fn ratio_line(what: &str, value: f64, baseline: f64, unit: &str, target: f64) -> Line {
+    Line {
+        what: what.to_owned(),
+        value: format!("{value:.0} {unit}"),
+        baseline: format!("{baseline:.0} {unit}"),
+        ratio: Some(value / baseline),
+        target: if value / baseline >= target {
+            "met (≥ 0.5)"
+        } else {
+            "MISSED (≥ 0.5)"
+        },
+    }
+}
+
+fn print(lines: &[Line]) {
+    println!();
+    println!("| measurement | Kohaku | baseline | ratio | target |");
+    println!("|---|---|---|---|---|");
+    for line in lines {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            line.what,
+            line.value,
+            line.baseline,
+            line.ratio.map_or("–".to_owned(), |r| format!("{r:.2}")),
+            line.target
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), AnyError> {
+    let mut args = std::env::args().skip(1);
+    let kohaku = std::fs::canonicalize(args.next().ok_or("usage: bench KOHAKU_BINARY [REPORTS]")?)?;
+    let reports: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(4_000);
+    let settings = Settings {
+        kohaku,
+        pg_url: std::env::var("KOHAKU_BENCH_PG_URL").ok(),
+        reports,
+        h2load_requests: 20_000,
+        overload_secs: 8,
+        work: tempfile::tempdir()?,
+    };
+    let generated = generate(settings.reports);
+    let body_bytes: usize = generated.iter().map(|r| r.body.len()).sum::<usize>() / generated.len();
+    eprintln!(
+        "bench: {} reports of {OBJECTS_PER_REPORT} objects, {body_bytes} bytes each on average",
+        generated.len()
+    );
+    let mut lines = Vec::new();
+
+    // 1. Ingest without a store, against a bare HTTP/2 server, same body, same h2load.
+    eprintln!("bench: 1/5 HTTP/2 ingest (h2load)");
+    let bare = bare_server().await?;
+    let bare = h2load(&settings, bare, &generated[0].body, "bare")?;
+    let mut config = kohaku::config::Config::default();
+    config.server.listen_addr = [127, 0, 0, 1].into();
+    config.server.listen_port = 0;
+    config.exporter.listen_port = 0;
+    let app = kohaku::app::App::start(&config, vec![Arc::new(DiscardSink)]).await?;
+    let discard = h2load(&settings, app.ingest_addr(), &generated[0].body, "discard")?;
+    app.shutdown().await;
+    if discard.failed > 0 || bare.failed > 0 {
+        eprintln!(
+            "bench: h2load failures: kohaku {}, bare {}",
+            discard.failed, bare.failed
+        );
+    }
+    lines.push(ratio_line(
+        "HTTP/2 ingest, discarding sink (req/s)",
+        discard.requests_per_sec,
+        bare.requests_per_sec,
+        "req/s",
+        0.5,
+    ));
+    lines.push(Line {
+        what: "  same, stats objects/s".into(),
+        value: format!(
+            "{:.0} objects/s",
+            discard.requests_per_sec * OBJECTS_PER_REPORT as f64
+        ),
+        baseline: "–".into(),
+        ratio: None,
+        target: "",
+    });
+    lines.push(Line {
+        what: "  same, latency p50 / p99".into(),
+        value: format!("{:.2} / {:.2} ms", discard.p50_ms, discard.p99_ms),
+        baseline: format!("{:.2} / {:.2} ms", bare.p50_ms, bare.p99_ms),
+        ratio: None,
+        target: "",
+    });
+
+    // 2. End to end into SQLite, against rusqlite inserting the same rows.
+    eprintln!("bench: 2/5 SQLite");
+    let sqlite_sink = |name: &str| format!("[sinks.sqlite]\npath = \"{name}.db\"\n");
+    let sqlite_ceiling = sqlite_ceiling(&settings, &generated)?;
+    let served = serve(&settings, "sqlite", &sqlite_sink("stats"), false)?;
+    let sqlite = end_to_end(&served, &generated, "sqlite").await?;
+    drop(served);
+    lines.push(ratio_line(
+        "end to end into SQLite (objects/s)",
+        sqlite,
+        sqlite_ceiling,
+        "objects/s",
+        0.5,
+    ));
+
+    // 3. End to end into PostgreSQL, against psql \copy of the same rows.
+    let postgres = match &settings.pg_url {
+        Some(admin) => {
+            eprintln!("bench: 3/5 PostgreSQL");
+            let ceiling = postgres_ceiling(&settings, admin, &generated)?;
+            let url = pg_database(&settings, admin, "bench_kohaku")?;
+            let sink = format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n");
+            let served = serve(&settings, "postgres", &sink, false)?;
+            let measured = end_to_end(&served, &generated, "timescaledb").await?;
+            drop(served);
+            lines.push(ratio_line(
+                "end to end into PostgreSQL (objects/s)",
+                measured,
+                ceiling,
+                "objects/s",
+                0.5,
+            ));
+            Some((admin.clone(), ceiling))
+        }
+        None => {
+            eprintln!("bench: 3/5 skipped: KOHAKU_BENCH_PG_URL is not set");
+            None
+        }
+    };
+
+    // 4. Overload: twice the sustainable SQLite rate, for a bounded time.
+    eprintln!("bench: 4/5 overload");
+    let served = serve(&settings, "overload", &sqlite_sink("overload"), false)?;
+    let rate = 2.0 * sqlite / OBJECTS_PER_REPORT as f64;
+    let load = Arc::new(Load::default());
+    let bodies: Arc<Vec<Bytes>> = Arc::new(generated.iter().map(|r| r.body.clone()).collect());
+    offer(
+        served.ingest,
+        bodies,
+        rate,
+        Duration::from_secs(settings.overload_secs),
+        load.clone(),
+    )
+    .await?;
+    let peak = served.peak_rss_mib();
+    drop(served);
+    lines.push(Line {
+        what: format!(
+            "peak RSS at 2× ({rate:.0} req/s offered for {} s: {} × 204, {} × 503, {} other)",
+            settings.overload_secs,
+            load.accepted.load(Ordering::Relaxed),
+            load.busy.load(Ordering::Relaxed),
+            load.other.load(Ordering::Relaxed)
+        ),
+        value: format!("{peak:.1} MiB"),
+        baseline: "256 MiB".into(),
+        ratio: Some(peak / 256.0),
+        target: if peak <= 256.0 {
+            "met (≤ 256 MiB)"
+        } else {
+            "MISSED (≤ 256 MiB)"
+        },
+    });
+
+    // 5. The same end-to-end runs with the durable spool.
+    eprintln!("bench: 5/5 with the spool");
+    let served = serve(&settings, "spool-sqlite", &sqlite_sink("stats"), true)?;
+    let spooled = end_to_end(&served, &generated, "sqlite").await?;
+    drop(served);
+    lines.push(ratio_line(
+        "with spool: end to end into SQLite (objects/s)",
+        spooled,
+        sqlite_ceiling,
+        "objects/s",
+        0.5,
+    ));
+    if let Some((admin, ceiling)) = postgres {
+        let url = pg_database(&settings, &admin, "bench_spool")?;
+        let sink = format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n");
+        let served = serve(&settings, "spool-postgres", &sink, true)?;
+        let measured = end_to_end(&served, &generated, "timescaledb").await?;
+        drop(served);
+        lines.push(ratio_line(
+            "with spool: end to end into PostgreSQL (objects/s)",
+            measured,
+            ceiling,
+            "objects/s",
+            0.5,
+        ));
+    }
+
+    print(&lines);
+    Ok(())
+}
