@@ -91,11 +91,9 @@ struct Body<'a> {
     stats: Option<Vec<&'a RawValue>>,
 }
 
-#[derive(Deserialize)]
+/// The three members Kohaku reads from a stats object.
 struct ObjectHead<'a> {
-    #[serde(borrow)]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "type")]
     rtc_type: Option<Cow<'a, str>>,
     timestamp: Option<f64>,
 }
@@ -160,7 +158,23 @@ fn deserialize_object<'a, T: Deserialize<'a>>(
             format!("invalid JSON: {what} must be one JSON object"),
         ));
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    // Checked once here, the text needs no UTF-8 check per string and per raw object while it is
+    // parsed (a third of the parse). Invalid UTF-8 takes the byte path, whose error names the
+    // field holding it.
+    match std::str::from_utf8(bytes) {
+        Ok(text) => deserialize_with(serde_json::Deserializer::from_str(text), whole),
+        Err(_) => deserialize_with(serde_json::Deserializer::from_slice(bytes), whole),
+    }
+}
+
+fn deserialize_with<'a, R, T>(
+    mut deserializer: serde_json::Deserializer<R>,
+    whole: &str,
+) -> Result<T, InvalidReport>
+where
+    R: serde_json::de::Read<'a>,
+    T: Deserialize<'a>,
+{
     let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let field = err.path().to_string();
         let field = if field == "." || field == "?" {
@@ -389,34 +403,140 @@ enum ObjectAt {
 /// 1000): a row they cannot read would break every dashboard query that touches it.
 const MAX_OBJECT_DEPTH: usize = 32;
 
-/// Whether arrays and objects in the JSON `text` nest deeper than `limit`.
-fn nesting_exceeds(text: &str, limit: usize) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for byte in text.bytes() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+/// Why [`scan_head`] refused an object.
+enum HeadError {
+    TooDeep,
+    /// A member Kohaku reads has the wrong type, or appears twice.
+    Invalid(String),
+}
+
+/// Reads `id`, `type` and `timestamp` from the top level of a stats object and checks its nesting
+/// against `limit`, in one pass. `text` must be one JSON object that serde_json has already
+/// accepted (the body parse did), so the scanner only has to find the members' boundaries:
+/// strings are skipped with `memchr`, and only the three values Kohaku reads are decoded, by
+/// serde_json. Two passes (a nesting scan, then serde) cost twice this (`cargo bench --bench
+/// parse`).
+fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
+    let bytes = text.as_bytes();
+    let mut head = ObjectHead {
+        id: None,
+        rtc_type: None,
+        timestamp: None,
+    };
+    let mut seen = [false; 3];
+    let mut at = skip_whitespace(bytes, 1);
+    while at < bytes.len() && bytes[at] == b'"' {
+        let key_end = string_end(bytes, at);
+        let key = &text[at..key_end];
+        at = skip_whitespace(bytes, key_end);
+        // The ':'.
+        at = skip_whitespace(bytes, at + 1);
+        let value_end = value_end(bytes, at, limit).ok_or(HeadError::TooDeep)?;
+        let value = &text[at..value_end];
+        let slot = match key {
+            "\"id\"" => Some(0),
+            "\"type\"" => Some(1),
+            "\"timestamp\"" => Some(2),
+            // A key spelled with escapes (`"\u0069d"`) is still `id`.
+            _ if key.contains('\\') => match serde_json::from_str::<String>(key).as_deref() {
+                Ok("id") => Some(0),
+                Ok("type") => Some(1),
+                Ok("timestamp") => Some(2),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            let name = ["id", "type", "timestamp"][slot];
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(HeadError::Invalid(format!("duplicate field `{name}`")));
             }
-            continue;
+            let invalid = |err: serde_json::Error| HeadError::Invalid(format!("`{name}`: {err}"));
+            match slot {
+                0 => head.id = string_value(value).map_err(invalid)?,
+                1 => head.rtc_type = string_value(value).map_err(invalid)?,
+                _ => head.timestamp = serde_json::from_str(value).map_err(invalid)?,
+            }
         }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > limit {
-                    return true;
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
+        at = skip_whitespace(bytes, value_end);
+        if bytes.get(at) == Some(&b',') {
+            at = skip_whitespace(bytes, at + 1);
         }
     }
-    false
+    Ok(head)
+}
+
+/// A JSON string or null, borrowed when it holds no escapes.
+fn string_value(value: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Ok(Some(Cow::Borrowed(inner))),
+        _ => serde_json::from_str::<Option<String>>(value).map(|v| v.map(Cow::Owned)),
+    }
+}
+
+fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
+    while bytes.get(at).is_some_and(u8::is_ascii_whitespace) {
+        at += 1;
+    }
+    at
+}
+
+/// The index just past the string that starts at `start` (its opening quote).
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let mut at = start + 1;
+    while let Some(found) = bytes
+        .get(at..)
+        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+    {
+        at += found;
+        if bytes[at] == b'\\' {
+            at += 2;
+        } else {
+            return at + 1;
+        }
+    }
+    bytes.len()
+}
+
+/// The index just past the value that starts at `start`, inside the object (depth 1); `None` when
+/// arrays and objects in it nest deeper than `limit` in all.
+fn value_end(bytes: &[u8], start: usize, limit: usize) -> Option<usize> {
+    match bytes.get(start) {
+        Some(b'"') => Some(string_end(bytes, start)),
+        Some(b'{' | b'[') => {
+            let mut depth = 1usize;
+            let mut at = start;
+            while at < bytes.len() {
+                match bytes[at] {
+                    b'"' => {
+                        at = string_end(bytes, at);
+                        continue;
+                    }
+                    b'{' | b'[' => {
+                        depth += 1;
+                        if depth > limit {
+                            return None;
+                        }
+                    }
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 1 {
+                            return Some(at + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                at += 1;
+            }
+            Some(bytes.len())
+        }
+        _ => Some(
+            bytes[start..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .map_or(bytes.len(), |end| start + end),
+        ),
+    }
 }
 
 fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
@@ -430,16 +550,14 @@ fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidRepo
             "a stats object must be a JSON object",
         ));
     }
-    if nesting_exceeds(raw.get(), MAX_OBJECT_DEPTH) {
-        return Err(InvalidReport::new(
+    let head = scan_head(raw.get(), MAX_OBJECT_DEPTH).map_err(|err| match err {
+        HeadError::TooDeep => InvalidReport::new(
             field(""),
             format!("nested deeper than {MAX_OBJECT_DEPTH} levels; stats objects are flat records"),
-        ));
-    }
-    let head: ObjectHead<'_> = serde_json::from_str(raw.get()).map_err(|err| {
-        // serde_json names the field in its message (`invalid type: …, expected a string`); the
-        // path would need a second parse, which bad input does not deserve.
-        InvalidReport::new(field(""), format!("invalid stats object: {err}"))
+        ),
+        HeadError::Invalid(why) => {
+            InvalidReport::new(field(""), format!("invalid stats object: {why}"))
+        }
     })?;
     let rtc_id = head
         .id
