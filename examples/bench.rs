@@ -13,6 +13,10 @@
 //!    grow).
 //! 5. Rows 2 and 3 with the durable spool on.
 
+// The allocator the kohaku binary uses, so that the in-process ingest row measures it as shipped.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -687,13 +691,17 @@ fn print(lines: &[Line]) {
 async fn main() -> Result<(), AnyError> {
     let mut args = std::env::args().skip(1);
     let kohaku = std::fs::canonicalize(args.next().ok_or("usage: bench KOHAKU_BINARY [REPORTS]")?)?;
-    let reports: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(4_000);
+    let reports: usize = args
+        .next()
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(12_000);
     let settings = Settings {
         kohaku,
         pg_url: std::env::var("KOHAKU_BENCH_PG_URL").ok(),
         reports,
         h2load_requests: 20_000,
-        overload_secs: 8,
+        overload_secs: 6,
         work: tempfile::tempdir()?,
     };
     let generated = generate(settings.reports);
@@ -746,6 +754,12 @@ async fn main() -> Result<(), AnyError> {
         target: "",
     });
 
+    // For profiling the ingest path alone (`perf record` around this process).
+    if std::env::var("KOHAKU_BENCH_ONLY").as_deref() == Ok("ingest") {
+        print(&lines);
+        return Ok(());
+    }
+
     // 2. End to end into SQLite, against rusqlite inserting the same rows.
     eprintln!("bench: 2/5 SQLite");
     let sqlite_sink = |name: &str| format!("[sinks.sqlite]\npath = \"{name}.db\"\n");
@@ -786,37 +800,46 @@ async fn main() -> Result<(), AnyError> {
         }
     };
 
-    // 4. Overload: twice the sustainable SQLite rate, for a bounded time.
+    // 4. Overload: twice the sustainable SQLite rate. The end-to-end figure includes start-up
+    // and the final wait, so it understates what the sink sustains; while no 503 comes back the
+    // offered rate doubles (at most three times), so that the queue really fills.
     eprintln!("bench: 4/5 overload");
     let served = serve(&settings, "overload", &sqlite_sink("overload"), false)?;
-    let rate = 2.0 * sqlite / OBJECTS_PER_REPORT as f64;
-    let load = Arc::new(Load::default());
     let bodies: Arc<Vec<Bytes>> = Arc::new(generated.iter().map(|r| r.body.clone()).collect());
-    offer(
-        served.ingest,
-        bodies,
-        rate,
-        Duration::from_secs(settings.overload_secs),
-        load.clone(),
-    )
-    .await?;
+    let mut rate = 2.0 * sqlite / OBJECTS_PER_REPORT as f64;
+    let mut load = Arc::new(Load::default());
+    for round in 0..4 {
+        load = Arc::new(Load::default());
+        offer(
+            served.ingest,
+            bodies.clone(),
+            rate,
+            Duration::from_secs(settings.overload_secs),
+            load.clone(),
+        )
+        .await?;
+        if load.busy.load(Ordering::Relaxed) > 0 || round == 3 {
+            break;
+        }
+        rate *= 2.0;
+    }
     let peak = served.peak_rss_mib();
     drop(served);
+    let busy = load.busy.load(Ordering::Relaxed);
     lines.push(Line {
         what: format!(
-            "peak RSS at 2× ({rate:.0} req/s offered for {} s: {} × 204, {} × 503, {} other)",
+            "peak RSS, overloaded ({rate:.0} req/s offered for {} s: {} × 204, {busy} × 503, {} other)",
             settings.overload_secs,
             load.accepted.load(Ordering::Relaxed),
-            load.busy.load(Ordering::Relaxed),
             load.other.load(Ordering::Relaxed)
         ),
         value: format!("{peak:.1} MiB"),
         baseline: "256 MiB".into(),
         ratio: Some(peak / 256.0),
-        target: if peak <= 256.0 {
-            "met (≤ 256 MiB)"
-        } else {
-            "MISSED (≤ 256 MiB)"
+        target: match (peak <= 256.0, busy > 0) {
+            (true, true) => "met (≤ 256 MiB, answers 503)",
+            (true, false) => "not overloaded: no 503",
+            (false, _) => "MISSED (≤ 256 MiB)",
         },
     });
 

@@ -158,13 +158,18 @@ fn deserialize_object<'a, T: Deserialize<'a>>(
             format!("invalid JSON: {what} must be one JSON object"),
         ));
     }
-    // Checked once here, the text needs no UTF-8 check per string and per raw object while it is
-    // parsed (a third of the parse). Invalid UTF-8 takes the byte path, whose error names the
-    // field holding it.
-    match std::str::from_utf8(bytes) {
-        Ok(text) => deserialize_with(serde_json::Deserializer::from_str(text), whole),
-        Err(_) => deserialize_with(serde_json::Deserializer::from_slice(bytes), whole),
+    // Valid UTF-8 (checked once, so no string needs its own check) takes the fast path, without
+    // tracking where the parser is. Only a body that fails is parsed again, from its bytes, with
+    // the path tracking that names the offending field: bad input pays for its error message.
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        if let Ok(parsed) = T::deserialize(&mut deserializer) {
+            if deserializer.end().is_ok() {
+                return Ok(parsed);
+            }
+        }
     }
+    deserialize_with(serde_json::Deserializer::from_slice(bytes), whole)
 }
 
 fn deserialize_with<'a, R, T>(
