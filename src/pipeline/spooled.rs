@@ -132,17 +132,41 @@ async fn run(
     batch_max_wait: Duration,
     mut closing: watch::Receiver<bool>,
 ) {
-    let mut give_up = worker.give_up.clone();
-    loop {
-        let next = tokio::select! {
-            next = reader.next_batch(batch_max_rows, batch_max_wait, &mut closing) => next,
-            _ = give_up.wait_for(|given_up| *given_up) => None,
+    let limits = (batch_max_rows, batch_max_wait);
+    let give_up = worker.give_up.clone();
+    let mut pending = next_batch(&mut reader, limits, &mut closing, give_up.clone()).await;
+    // The next batch is read and parsed while the current one is written: the sink never waits
+    // for the spool, and at most one batch more than the one being written is held in memory.
+    while let Some(current) = pending {
+        let deliver = async {
+            if current.batch.is_empty() {
+                Delivered::Done
+            } else {
+                worker.deliver(&current.batch).await
+            }
         };
-        let Some(next) = next else { break };
-        if !next.batch.is_empty() && worker.deliver(&next.batch).await == Delivered::GaveUp {
+        let (delivered, next) = tokio::join!(
+            deliver,
+            next_batch(&mut reader, limits, &mut closing, give_up.clone())
+        );
+        if delivered == Delivered::GaveUp {
             break;
         }
-        reader.ack(next.end).await;
+        reader.ack(current.end).await;
+        pending = next;
     }
     worker.close().await;
+}
+
+/// The reader's next batch, or `None` once closing is done or shutdown gave up.
+async fn next_batch(
+    reader: &mut SpoolReader,
+    (max_rows, max_wait): (usize, Duration),
+    closing: &mut watch::Receiver<bool>,
+    mut give_up: watch::Receiver<bool>,
+) -> Option<crate::spool::SpoolBatch> {
+    tokio::select! {
+        next = reader.next_batch(max_rows, max_wait, closing) => next,
+        _ = give_up.wait_for(|given_up| *given_up) => None,
+    }
 }
