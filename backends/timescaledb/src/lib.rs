@@ -599,8 +599,9 @@ async fn upsert_connections(
     Ok(())
 }
 
-/// One line of COPY's text format.
-fn encode_copy_row(buffer: &mut Vec<u8>, report: &Report, object: &StatsObject) {
+/// One line of COPY's text format. Public for `benches/encode.rs`.
+#[doc(hidden)]
+pub fn encode_copy_row(buffer: &mut Vec<u8>, report: &Report, object: &StatsObject) {
     let connection = &report.connection;
     for field in [
         Some(connection.channel_id.as_str()),
