@@ -436,12 +436,31 @@ mod with_postgresql {
         );
 
         let served = serve(dir.path(), &config);
-        let in_sqlite =
-            wait_for_sqlite_rows(&db, acknowledged.objects(), Duration::from_secs(60)).await;
-        let in_postgres =
-            wait_for_postgres_rows(&url, acknowledged.objects(), Duration::from_secs(60)).await;
-        let sqlite_connections = stored_connections(&db);
-        let postgres_connections = postgres_connections(&url).await;
+        wait_for_sqlite_rows(&db, acknowledged.objects(), Duration::from_secs(60)).await;
+        wait_for_postgres_rows(&url, acknowledged.objects(), Duration::from_secs(60)).await;
+        // Reports that were in flight at the kill may still be arriving: read each store until
+        // its row count and its set of connections describe the same moment.
+        let settled = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (in_sqlite, in_postgres, sqlite_connections, postgres_connections) = loop {
+            let sqlite_connections = stored_connections(&db);
+            let postgres_connections = postgres_connections(&url).await;
+            let in_sqlite = sqlite_count(&db, "SELECT count(*) FROM rtc_stats");
+            let in_postgres = testkit::count(&url, "SELECT count(*) FROM rtc_stats").await;
+            let whole = |rows: i64, connections: &BTreeSet<String>| {
+                rows == (connections.len() * OBJECTS_PER_REPORT) as i64
+            };
+            let consistent =
+                whole(in_sqlite, &sqlite_connections) && whole(in_postgres, &postgres_connections);
+            if consistent || tokio::time::Instant::now() > settled {
+                break (
+                    in_sqlite,
+                    in_postgres,
+                    sqlite_connections,
+                    postgres_connections,
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         eprintln!(
             "crash: sent {} reports, acknowledged {} ({} objects); stored at the kill: sqlite {}, postgresql {}; after restart: sqlite {in_sqlite}, postgresql {in_postgres}",
             sent.load(Ordering::SeqCst),
