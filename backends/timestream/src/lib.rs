@@ -454,7 +454,8 @@ pub fn classify_write_error(err: SdkError<WriteRecordsError>) -> RequestOutcome 
     }
 }
 
-/// Adds one request's fate to the batch's report; returns the message of a failure to retry.
+/// Adds one request's fate to the batch's report; the counts feed the sink's counters, and a
+/// failure worth retrying comes back in `TallyCounts::failure`.
 pub fn tally(
     request: &PlannedRequest,
     outcome: RequestOutcome,
