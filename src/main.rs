@@ -191,12 +191,13 @@ fn check_sinks(config: &Config, source: &ConfigSource) -> anyhow::Result<()> {
         .with_context(|| format!("invalid config ({source})"))
 }
 
+/// `sinks::build` checks the settings first, so its errors are config errors too.
 fn build_sinks(
     config: &Config,
     source: &ConfigSource,
 ) -> anyhow::Result<Vec<std::sync::Arc<dyn kohaku_sink::StatsSink>>> {
-    check_sinks(config, source)?;
-    Ok(kohaku::sinks::build(&config.effective_sinks())?)
+    kohaku::sinks::build(&config.effective_sinks())
+        .with_context(|| format!("invalid config ({source})"))
 }
 
 async fn wait_for_signal() -> anyhow::Result<&'static str> {

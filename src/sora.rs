@@ -169,17 +169,7 @@ fn deserialize_object<'a, T: Deserialize<'a>>(
             }
         }
     }
-    deserialize_with(serde_json::Deserializer::from_slice(bytes), whole)
-}
-
-fn deserialize_with<'a, R, T>(
-    mut deserializer: serde_json::Deserializer<R>,
-    whole: &str,
-) -> Result<T, InvalidReport>
-where
-    R: serde_json::de::Read<'a>,
-    T: Deserialize<'a>,
-{
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let parsed = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let field = err.path().to_string();
         let field = if field == "." || field == "?" {

@@ -635,14 +635,14 @@ impl StatsSink for TimestreamSink {
         if batch.row_count() == 0 {
             return Ok(WriteReport::default());
         }
-        let plan = mapping::plan(batch);
+        let mut plan = mapping::plan(batch);
+        let refused = plan.refused.len() as u64;
         let mut report = WriteReport {
-            rejected: plan.refused.clone(),
+            rejected: std::mem::take(&mut plan.refused),
             duplicates: plan.duplicates,
             ..WriteReport::default()
         };
         let omitted = plan.omitted_values;
-        let refused = plan.refused.len() as u64;
         let requests = mapping::split(plan, self.options.max_records_per_write);
         let client = self.client().await?;
         // Collected first: a lazy iterator of borrowing futures trips the compiler's Send

@@ -543,23 +543,6 @@ fn share_dimensions(mut records: Vec<PlannedRecord>) -> PlannedRequest {
     }
 }
 
-/// A request's record as Timestream stores it: common dimensions merged back in, in the fixed
-/// dimension order.
-pub fn merged(request: &PlannedRequest, index: usize) -> Option<PlannedRecord> {
-    let record = request.records.get(index)?;
-    let mut dimensions: Vec<Dimension> = request
-        .common_dimensions
-        .iter()
-        .chain(&record.dimensions)
-        .cloned()
-        .collect();
-    dimensions.sort_by_key(|dimension| DIMENSIONS.iter().position(|name| *name == dimension.name));
-    Some(PlannedRecord {
-        dimensions,
-        ..record.clone()
-    })
-}
-
 fn dimension(name: &'static str, value: &str) -> Dimension {
     Dimension {
         name,
