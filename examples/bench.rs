@@ -45,22 +45,13 @@ struct Settings {
     work: tempfile::TempDir,
 }
 
-/// One generated report: its body, and its rows as the SQL backends store them.
+/// One generated report: its body, and the report Kohaku's parser makes of it, whose rows the
+/// ceilings write with the backends' own encodings.
 struct Generated {
     body: Bytes,
-    rows: Vec<Row>,
+    report: kohaku_sink::Report,
 }
 
-struct Row {
-    connection_id: String,
-    session_id: String,
-    rtc_type: String,
-    rtc_id: String,
-    rtc_timestamp: f64,
-    rtc_data: String,
-}
-
-const CHANNEL_ID: &str = "bench";
 const SORA_TIMESTAMP: &str = "2025-07-25T06:06:51.592776Z";
 
 /// Reports shaped like the Chromium fixture (its first 30 objects), each with its own connection
@@ -69,6 +60,7 @@ fn generate(count: usize) -> Vec<Generated> {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/chromium/rtc_stats.chromium-av.jsonl");
     let text = std::fs::read_to_string(&fixture).expect("chromium fixture");
+    let received_at = kohaku_sink::OffsetDateTime::now_utc();
     let templates: Vec<Value> = text
         .lines()
         .take(OBJECTS_PER_REPORT)
@@ -79,33 +71,26 @@ fn generate(count: usize) -> Vec<Generated> {
             let connection_id = format!("BENCH{i:021}");
             let session_id = format!("SESSION{:019}", i / 4);
             let base = 1_753_423_611_556.525 + (i as f64) * 1_000.0;
-            let rows: Vec<Row> = templates
+            let stats: Vec<String> = templates
                 .iter()
                 .enumerate()
                 .map(|(j, template)| {
                     let mut object = template.clone();
                     let rtc_id = format!("{}-{j}", object["id"].as_str().unwrap_or("X"));
-                    let rtc_timestamp = base + j as f64 * 0.001;
-                    object["id"] = Value::from(rtc_id.clone());
-                    object["timestamp"] = Value::from(rtc_timestamp);
-                    Row {
-                        connection_id: connection_id.clone(),
-                        session_id: session_id.clone(),
-                        rtc_type: object["type"].as_str().unwrap_or("codec").to_owned(),
-                        rtc_id,
-                        rtc_timestamp,
-                        rtc_data: object.to_string(),
-                    }
+                    object["id"] = Value::from(rtc_id);
+                    object["timestamp"] = Value::from(base + j as f64 * 0.001);
+                    object.to_string()
                 })
                 .collect();
-            let stats: Vec<&str> = rows.iter().map(|row| row.rtc_data.as_str()).collect();
             let body = format!(
-                r#"{{"type":"{CONNECTION_USER_AGENT}","timestamp":"{SORA_TIMESTAMP}","label":"WebRTC SFU Sora","version":"2025.2.1","node_name":"sora@127.0.0.1","role":"sendrecv","multistream":true,"simulcast":false,"spotlight":false,"channel_id":"{CHANNEL_ID}","session_id":"{session_id}","client_id":"{connection_id}","connection_id":"{connection_id}","bundle_id":"{connection_id}","stats":[{}]}}"#,
+                r#"{{"type":"{CONNECTION_USER_AGENT}","timestamp":"{SORA_TIMESTAMP}","label":"WebRTC SFU Sora","version":"2025.2.1","node_name":"sora@127.0.0.1","role":"sendrecv","multistream":true,"simulcast":false,"spotlight":false,"channel_id":"bench","session_id":"{session_id}","client_id":"{connection_id}","connection_id":"{connection_id}","bundle_id":"{connection_id}","stats":[{}]}}"#,
                 stats.join(",")
             );
+            let report = kohaku::sora::parse_report(body.as_bytes(), received_at)
+                .expect("generated bodies are valid reports");
             Generated {
                 body: Bytes::from(body),
-                rows,
+                report,
             }
         })
         .collect()
@@ -516,20 +501,25 @@ fn sqlite_ceiling(settings: &Settings, reports: &[Generated]) -> Result<f64, Any
              rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
-        for row in reports.iter().flat_map(|r| &r.rows) {
-            insert.execute(rusqlite::params![
-                CHANNEL_ID,
-                row.session_id,
-                row.connection_id,
-                row.connection_id,
-                row.connection_id,
-                row.rtc_type,
-                row.rtc_id,
-                row.rtc_timestamp,
-                row.rtc_data,
-                SORA_TIMESTAMP,
-                SORA_TIMESTAMP,
-            ])?;
+        for report in reports.iter().map(|r| &r.report) {
+            let connection = &report.connection;
+            let sora_timestamp = kohaku_sink::format_timestamp(report.sora_timestamp);
+            let received_at = kohaku_sink::format_timestamp(report.received_at);
+            for object in &report.stats {
+                insert.execute(rusqlite::params![
+                    connection.channel_id,
+                    connection.session_id,
+                    connection.client_id,
+                    connection.connection_id,
+                    connection.bundle_id,
+                    object.rtc_type,
+                    object.rtc_id,
+                    object.rtc_timestamp,
+                    object.rtc_data.get(),
+                    sora_timestamp,
+                    received_at,
+                ])?;
+            }
         }
     }
     tx.commit()?;
@@ -590,18 +580,6 @@ fn pg_database(settings: &Settings, admin_url: &str, name: &str) -> Result<Strin
     Ok(url)
 }
 
-fn copy_field(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            other => out.push(other),
-        }
-    }
-}
-
 fn postgres_ceiling(
     settings: &Settings,
     admin_url: &str,
@@ -609,28 +587,17 @@ fn postgres_ceiling(
 ) -> Result<f64, AnyError> {
     let url = pg_database(settings, admin_url, "bench_ceiling")?;
     let file = settings.work.path().join("rows.copy");
-    let mut text = String::new();
-    for row in reports.iter().flat_map(|r| &r.rows) {
-        let rtc_time =
-            kohaku_sink::format_timestamp(kohaku_sink::OffsetDateTime::from_unix_timestamp_nanos(
-                (row.rtc_timestamp * 1e6) as i128,
-            )?);
-        for field in [
-            rtc_time.as_str(),
-            CHANNEL_ID,
-            &row.session_id,
-            &row.connection_id,
-            &row.connection_id,
-            &row.connection_id,
-            &row.rtc_type,
-            &row.rtc_id,
-        ] {
-            copy_field(&mut text, field);
-            text.push('\t');
+    // Kohaku's own COPY encoding, after the rtc_time column it derives in SQL.
+    let mut text = Vec::new();
+    for report in reports.iter().map(|r| &r.report) {
+        for object in &report.stats {
+            let rtc_time = kohaku_sink::OffsetDateTime::from_unix_timestamp_nanos(
+                (object.rtc_timestamp * 1e6) as i128,
+            )?;
+            text.extend_from_slice(kohaku_sink::format_timestamp(rtc_time).as_bytes());
+            text.push(b'\t');
+            kohaku_timescaledb::encode_copy_row(&mut text, report, object);
         }
-        text.push_str(&format!("{:?}\t", row.rtc_timestamp));
-        copy_field(&mut text, &row.rtc_data);
-        text.push_str(&format!("\t{SORA_TIMESTAMP}\t{SORA_TIMESTAMP}\n"));
     }
     std::fs::write(&file, text)?;
     let start = Instant::now();
