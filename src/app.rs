@@ -90,6 +90,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_secs(config.server.body_read_timeout_secs),
+            webhook_path: config.server.webhook_path.clone(),
         });
         let limits = HttpLimits {
             max_concurrent_streams: config.server.http2_max_concurrent_streams,

@@ -63,6 +63,11 @@ pub struct Config {
     pub sinks: Option<SinksConfig>,
 }
 
+/// The path of `stats_webhook_url` in Sora's documentation.
+pub const DEFAULT_WEBHOOK_PATH: &str = "/sora/webhook/stats";
+/// Paths the ingest listener serves on its own, which the webhook path must not take.
+pub const RESERVED_INGEST_PATHS: [&str; 2] = ["/collector", "/.ok"];
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -86,6 +91,9 @@ pub struct ServerConfig {
     /// A request body must arrive completely within this time after its headers, so that slow or
     /// stalled senders cannot hold connections and memory.
     pub body_read_timeout_secs: u64,
+    /// Where Sora's stats webhook posts (`stats_webhook_url` in sora.conf), over HTTP/1.1 or
+    /// HTTP/2. The default is the path of Sora's documented example URL.
+    pub webhook_path: String,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +110,7 @@ impl Default for ServerConfig {
             http2_idle_timeout: 60,
             max_body_bytes: 8 * 1024 * 1024,
             body_read_timeout_secs: 30,
+            webhook_path: DEFAULT_WEBHOOK_PATH.to_owned(),
         }
     }
 }
@@ -425,6 +434,24 @@ impl Config {
             message,
         };
         let server = &self.server;
+        let path = &server.webhook_path;
+        if !path.starts_with('/')
+            || path.contains(['?', '#'])
+            || path.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "server.webhook_path",
+                format!(
+                    "`{path}` is not a URL path: it must start with `/` and hold no query, fragment or spaces (e.g. {DEFAULT_WEBHOOK_PATH})"
+                ),
+            ));
+        }
+        if RESERVED_INGEST_PATHS.contains(&path.as_str()) {
+            return Err(invalid(
+                "server.webhook_path",
+                format!("`{path}` is already served by Kohaku; choose another path"),
+            ));
+        }
         if server.https {
             if server.tls_fullchain_file.is_none() {
                 return Err(invalid(
@@ -685,6 +712,12 @@ mod tests {
                 "[server]\nhttp2_max_concurrent_streams = 0\n",
                 "server.http2_max_concurrent_streams",
             ),
+            ("[server]\nwebhook_path = 'stats'\n", "server.webhook_path"),
+            (
+                "[server]\nwebhook_path = '/stats?x=1'\n",
+                "server.webhook_path",
+            ),
+            ("[server]\nwebhook_path = '/.ok'\n", "server.webhook_path"),
             (
                 "[pipeline]\nbatch_max_rows = 10\nqueue_max_rows = 5\n",
                 "pipeline.batch_max_rows",

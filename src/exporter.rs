@@ -54,7 +54,7 @@ impl Router for ExporterRouter {
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
-                path,
+                path: path.into(),
                 status: answer.status().as_u16(),
             })
             .inc();

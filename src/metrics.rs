@@ -1,8 +1,9 @@
 //! Every metric Kohaku exports, registered in one place so names and help texts stay consistent.
 //! Counters are named without `_total`; the OpenMetrics encoder appends it.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use kohaku_sink::StatsSink;
 use prometheus_client::collector::Collector;
@@ -15,10 +16,30 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::sora::Protocol;
+use crate::sync::lock;
+
+/// Distinct ignored webhook types that get a series of their own; later ones share `other`, so a
+/// sender cannot grow the exporter's output without bound.
+const MAX_IGNORED_TYPE_LABELS: usize = 32;
+const MAX_IGNORED_TYPE_LEN: usize = 64;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub path: &'static str,
+    /// The route's path as configured; `other` for paths Kohaku does not serve.
+    pub path: Cow<'static, str>,
     pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// Encoded as `type`.
+    pub r#type: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,8 +63,11 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub reports_received: Counter,
-    pub stats_objects_received: Counter,
+    reports_received: Family<ProtocolLabels, Counter>,
+    stats_objects_received: Family<ProtocolLabels, Counter>,
+    reports_ignored: Family<TypeLabels, Counter>,
+    /// Ignored types that have a series (and were logged) already.
+    ignored_types: Mutex<HashSet<String>>,
     pub rows_written: Family<SinkLabels, Counter>,
     pub rows_duplicate: Family<SinkLabels, Counter>,
     pub rows_rejected: Family<SinkLabels, Counter>,
@@ -70,17 +94,30 @@ impl Metrics {
             "HTTP requests answered, by path and status",
             requests.clone(),
         );
-        let reports_received = Counter::default();
+        let reports_received = Family::<ProtocolLabels, Counter>::default();
         registry.register(
             "reports_received",
-            "Sora reports accepted into the pipeline (answered 204)",
+            "Sora reports accepted into the pipeline (answered 204, or read by kohaku import), by the protocol they came by",
             reports_received.clone(),
         );
-        let stats_objects_received = Counter::default();
+        let stats_objects_received = Family::<ProtocolLabels, Counter>::default();
         registry.register(
             "stats_objects_received",
-            "Stats objects accepted into the pipeline",
+            "Stats objects accepted into the pipeline, by the protocol they came by",
             stats_objects_received.clone(),
+        );
+        for protocol in Protocol::ALL {
+            let labels = ProtocolLabels {
+                protocol: protocol.as_str(),
+            };
+            drop(reports_received.get_or_create(&labels));
+            drop(stats_objects_received.get_or_create(&labels));
+        }
+        let reports_ignored = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "reports_ignored",
+            "Stats-webhook requests of a type Kohaku does not store, answered 200 so that Sora does not count them as failures",
+            reports_ignored.clone(),
         );
         let rows_written = Family::<SinkLabels, Counter>::default();
         registry.register(
@@ -155,6 +192,8 @@ impl Metrics {
             requests,
             reports_received,
             stats_objects_received,
+            reports_ignored,
+            ignored_types: Mutex::new(HashSet::new()),
             rows_written,
             rows_duplicate,
             rows_rejected,
@@ -188,9 +227,34 @@ impl Metrics {
     }
 
     /// One report accepted (answered 204, or queued by the importer) with `rows` stats objects.
-    pub fn count_accepted(&self, rows: usize) {
-        self.reports_received.inc();
-        self.stats_objects_received.inc_by(rows as u64);
+    pub fn count_accepted(&self, rows: usize, protocol: Protocol) {
+        let labels = ProtocolLabels {
+            protocol: protocol.as_str(),
+        };
+        self.reports_received.get_or_create(&labels).inc();
+        self.stats_objects_received
+            .get_or_create(&labels)
+            .inc_by(rows as u64);
+    }
+
+    /// One webhook of a type Kohaku does not store. True the first time its label is used, so
+    /// that the caller logs each type once, not once per request.
+    pub fn count_ignored(&self, kind: &str) -> bool {
+        const OTHER: &str = "other";
+        let mut seen = lock(&self.ignored_types);
+        let (label, first) = if seen.contains(kind) {
+            (kind, false)
+        } else if seen.len() < MAX_IGNORED_TYPE_LABELS && kind.len() <= MAX_IGNORED_TYPE_LEN {
+            (kind, seen.insert(kind.to_owned()))
+        } else {
+            (OTHER, seen.insert(OTHER.to_owned()))
+        };
+        self.reports_ignored
+            .get_or_create(&TypeLabels {
+                r#type: label.to_owned(),
+            })
+            .inc();
+        first
     }
 
     pub fn sink(name: &str) -> SinkLabels {

@@ -1,4 +1,6 @@
-//! Sora's stats-exporter payload (PROTOCOL.md §1): parsing and validation into a [`Report`].
+//! What Sora sends, parsed and validated into [`Report`]s: the stats exporter's body (Sora before
+//! 2025.2, [`parse_report`]), the stats webhook's body (Sora 2025.2 and later, [`parse_webhook`]) and
+//! the lines of its `rtc_stats.jsonl` log ([`parse_log_line`]). The README's "Pointing Sora at Kohaku" describes all three.
 //!
 //! The body is parsed once, borrowing from the request bytes. Each stats object is read only for
 //! its `id`, `type` and `timestamp`; its JSON text is kept byte for byte, so nothing a client sent
@@ -13,6 +15,36 @@ use time::format_description::well_known::Rfc3339;
 /// The header Sora sets on every exporter request, and the only value Kohaku stores.
 pub const EXPORTER_TYPE_HEADER: &str = "x-sora-stats-exporter-type";
 pub const CONNECTION_USER_AGENT: &str = "connection.user-agent";
+/// The header Sora sets on every stats-webhook request: inferred from the gateway Sora's vendor
+/// wrote, not documented by Sora (the README's "Pointing Sora at Kohaku").
+pub const WEBHOOK_TYPE_HEADER: &str = "sora-stats-webhook-type";
+/// The stats webhook's type for one connection's `getStats()` result, and the `type` of the log
+/// lines that carry one of its stats objects each.
+pub const CONNECTION_RTC: &str = "connection.rtc";
+
+/// How a report reached Kohaku: a label of metrics and logs, and what the spool records so that a
+/// replay parses a body as it was parsed when it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Sora's stats exporter (`connection.user-agent`), [`parse_report`].
+    Exporter,
+    /// Sora's stats webhook (`connection.rtc`), [`parse_webhook`].
+    Webhook,
+    /// `kohaku import` of log files, [`parse_log_line`].
+    Import,
+}
+
+impl Protocol {
+    pub const ALL: [Self; 3] = [Self::Exporter, Self::Webhook, Self::Import];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exporter => "exporter",
+            Self::Webhook => "webhook",
+            Self::Import => "import",
+        }
+    }
+}
 
 const SORA_ID_LEN: usize = 26;
 const MAX_NAME_BYTES: usize = 255;
@@ -88,6 +120,8 @@ struct Body<'a> {
     #[serde(borrow)]
     bundle_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
+    group_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     stats: Option<Vec<&'a RawValue>>,
 }
 
@@ -101,14 +135,103 @@ struct ObjectHead<'a> {
 /// Parses and validates one exporter body. `received_at` is when Kohaku got the request.
 pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
     let parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
-
-    let event_type = required(parsed.event_type, "type")?;
+    let event_type = required(parsed.event_type.as_deref(), "type")?;
     if event_type != CONNECTION_USER_AGENT {
         return Err(InvalidReport::new(
             "type",
             format!("unexpected event type `{event_type}`; expected `{CONNECTION_USER_AGENT}`"),
         ));
     }
+    report_of(parsed, received_at)
+}
+
+/// What a stats-webhook request turned out to be.
+#[derive(Debug)]
+pub enum Webhook {
+    /// A `connection.rtc` body: one connection's `getStats()` result, to be stored.
+    Stats(Report),
+    /// An exporter body (`connection.user-agent`) sent without either type header: parsed as
+    /// [`parse_report`] would.
+    Exporter(Report),
+    /// A webhook type Kohaku does not store (a future Sora's), named by its type. Its body is not
+    /// validated: Sora must get a 2xx for it, or it logs the send as failed.
+    Ignored { kind: String },
+}
+
+/// Parses one stats-webhook body. Its type comes from the `sora-stats-webhook-type` header when
+/// Sora sent one (`header_type`), else from the body's `type`; when both are there they must agree.
+/// Only `connection.rtc` is validated and stored; its body is the exporter's with `group_id` and
+/// the webhook's `id` added and without `multistream`, and unknown members are ignored. A body
+/// without a header whose `type` is the exporter's is an exporter body.
+pub fn parse_webhook(
+    body: &[u8],
+    header_type: Option<&str>,
+    received_at: OffsetDateTime,
+) -> Result<Webhook, InvalidReport> {
+    let kind = match header_type {
+        Some(kind) => Cow::Borrowed(kind),
+        None => {
+            // Only the type is read first: a body of a type Kohaku ignores need not be valid as
+            // a stats body.
+            let head: TypeOnly<'_> = deserialize_object(body, "body", "the body")?;
+            match head.kind {
+                Some(kind) => Cow::Owned(kind.into_owned()),
+                None => {
+                    return Err(InvalidReport::new(
+                        "type",
+                        format!(
+                            "missing required field `type` (and no {WEBHOOK_TYPE_HEADER} header)"
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    if header_type.is_none() && kind == CONNECTION_USER_AGENT {
+        return parse_report(body, received_at).map(Webhook::Exporter);
+    }
+    if kind != CONNECTION_RTC {
+        return Ok(Webhook::Ignored {
+            kind: kind.into_owned(),
+        });
+    }
+    let parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
+    if let Some(body_type) = parsed.event_type.as_deref().filter(|t| *t != kind) {
+        return Err(InvalidReport::new(
+            "type",
+            format!(
+                "the body's type `{body_type}` differs from the {WEBHOOK_TYPE_HEADER} header `{kind}`"
+            ),
+        ));
+    }
+    report_of(parsed, received_at).map(Webhook::Stats)
+}
+
+/// Parses a body the spool kept, as it was parsed when it arrived by `protocol`.
+pub fn parse_spooled(
+    protocol: Protocol,
+    body: &[u8],
+    received_at: OffsetDateTime,
+) -> Result<Report, InvalidReport> {
+    match protocol {
+        Protocol::Exporter => parse_report(body, received_at),
+        // Only stats were spooled; the header that may have named the type is not kept.
+        Protocol::Webhook => match parse_webhook(body, Some(CONNECTION_RTC), received_at)? {
+            Webhook::Stats(report) | Webhook::Exporter(report) => Ok(report),
+            Webhook::Ignored { kind } => Err(InvalidReport::new(
+                "type",
+                format!("`{kind}` is not a stats type"),
+            )),
+        },
+        Protocol::Import => Err(InvalidReport::new(
+            "protocol",
+            "imported log lines are never spooled",
+        )),
+    }
+}
+
+/// Validates a parsed exporter or webhook body whose type was checked.
+fn report_of(parsed: Body<'_>, received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
     let (connection, sora_timestamp) = ConnectionFields {
         timestamp: parsed.timestamp,
         label: parsed.label,
@@ -123,6 +246,7 @@ pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, 
         client_id: parsed.client_id,
         connection_id: parsed.connection_id,
         bundle_id: parsed.bundle_id,
+        group_id: parsed.group_id,
     }
     .validate()?;
 
@@ -185,9 +309,6 @@ fn deserialize_object<'a, T: Deserialize<'a>>(
     Ok(parsed)
 }
 
-/// The `type` of the log lines that carry one stats object each (PROTOCOL.md §2).
-pub const LOG_STATS_TYPE: &str = "connection.rtc";
-
 /// One line of a Sora log file.
 #[derive(Debug)]
 // Returned once per line and consumed at once; boxing would add an allocation per line for nothing.
@@ -241,6 +362,8 @@ struct LogLineBody<'a> {
     #[serde(borrow)]
     bundle_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
+    group_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     rtc_id: Option<Cow<'a, str>>,
     #[serde(borrow)]
     rtc_type: Option<Cow<'a, str>>,
@@ -276,7 +399,7 @@ pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
             None => return Err(InvalidReport::new("type", "missing required field `type`")),
         },
     };
-    if line_type != LOG_STATS_TYPE {
+    if line_type != CONNECTION_RTC {
         return Ok(LogLine::Other {
             kind: line_type.into_owned(),
         });
@@ -295,6 +418,7 @@ pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
         client_id: parsed.client_id,
         connection_id: parsed.connection_id,
         bundle_id: parsed.bundle_id,
+        group_id: parsed.group_id,
     }
     .validate()?;
     let object = parse_object(ObjectAt::RtcData, required(parsed.rtc_data, "rtc_data")?)?;
@@ -329,7 +453,7 @@ pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
     }))
 }
 
-/// The connection metadata every exporter body and every log line carries.
+/// The connection metadata every exporter and webhook body and every log line carries.
 struct ConnectionFields<'a> {
     timestamp: Option<Cow<'a, str>>,
     label: Option<Cow<'a, str>>,
@@ -344,6 +468,7 @@ struct ConnectionFields<'a> {
     client_id: Option<Cow<'a, str>>,
     connection_id: Option<Cow<'a, str>>,
     bundle_id: Option<Cow<'a, str>>,
+    group_id: Option<Cow<'a, str>>,
 }
 
 impl ConnectionFields<'_> {
@@ -372,6 +497,7 @@ impl ConnectionFields<'_> {
             client_id: name(self.client_id, "client_id")?,
             connection_id: sora_id(self.connection_id, "connection_id")?,
             bundle_id: self.bundle_id.map(Cow::into_owned),
+            group_id: self.group_id.map(Cow::into_owned),
             label: required(self.label, "label")?.into_owned(),
             version: required(self.version, "version")?.into_owned(),
             node_name: required(self.node_name, "node_name")?.into_owned(),
@@ -916,6 +1042,153 @@ mod tests {
             let err = parse_log_line(text.as_bytes()).expect_err(text);
             assert_eq!(err.field, "line", "{text}: {err}");
         }
+    }
+
+    /// The webhook Sora sent for the first request of its log: the lines' envelope, with their
+    /// objects as a `stats` list.
+    fn webhook_body() -> Value {
+        let lines: Vec<Value> = SORA_LOG
+            .lines()
+            .map(|text| serde_json::from_str(text).unwrap())
+            .collect();
+        let first = &lines[0];
+        let mut body = first.clone();
+        let fields = body.as_object_mut().unwrap();
+        for member in ["rtc_id", "rtc_type", "rtc_timestamp", "rtc_data"] {
+            fields.remove(member);
+        }
+        let stats: Vec<Value> = lines
+            .iter()
+            .filter(|line| {
+                line["id"] == first["id"] && line["connection_id"] == first["connection_id"]
+            })
+            .map(|line| line["rtc_data"].clone())
+            .collect();
+        fields.insert("stats".into(), Value::Array(stats));
+        body
+    }
+
+    fn parse_hook(body: &Value, header: Option<&str>) -> Result<Webhook, InvalidReport> {
+        parse_webhook(
+            body.to_string().as_bytes(),
+            header,
+            OffsetDateTime::now_utc(),
+        )
+    }
+
+    #[test]
+    fn a_webhook_body_gives_the_report_its_log_lines_give() {
+        let body = webhook_body();
+        let Webhook::Stats(report) = parse_hook(&body, Some(CONNECTION_RTC)).unwrap() else {
+            panic!("not stats");
+        };
+        assert_eq!(
+            report.connection.group_id.as_deref(),
+            body["group_id"].as_str()
+        );
+        assert_eq!(report.connection.multistream, None);
+        assert_eq!(report.stats.len(), body["stats"].as_array().unwrap().len());
+        let from_lines: Vec<(String, f64)> = SORA_LOG
+            .lines()
+            .take(report.stats.len())
+            .map(|text| match parse_log_line(text.as_bytes()).unwrap() {
+                LogLine::Stats(stats) => {
+                    assert_eq!(stats.connection, report.connection);
+                    assert_eq!(stats.sora_timestamp, report.sora_timestamp);
+                    (stats.object.rtc_id, stats.object.rtc_timestamp)
+                }
+                LogLine::Other { kind } => panic!("{kind}"),
+            })
+            .collect();
+        let from_webhook: Vec<(String, f64)> = report
+            .stats
+            .iter()
+            .map(|object| (object.rtc_id.clone(), object.rtc_timestamp))
+            .collect();
+        assert_eq!(from_webhook, from_lines);
+    }
+
+    #[test]
+    fn a_webhook_is_typed_by_its_header_else_by_its_body() {
+        let mut untyped = webhook_body();
+        untyped.as_object_mut().unwrap().remove("type");
+        assert!(matches!(
+            parse_hook(&untyped, Some(CONNECTION_RTC)),
+            Ok(Webhook::Stats(_))
+        ));
+        let err = parse_hook(&untyped, None).unwrap_err();
+        assert_eq!(err.field, "type");
+        assert!(err.error.contains(WEBHOOK_TYPE_HEADER), "{err}");
+
+        assert!(matches!(
+            parse_hook(&webhook_body(), None),
+            Ok(Webhook::Stats(_))
+        ));
+        let err = parse_hook(&webhook_body(), Some("connection.future")).unwrap();
+        assert!(matches!(err, Webhook::Ignored { kind } if kind == "connection.future"));
+
+        let mut other = webhook_body();
+        other["type"] = json!("connection.user-agent");
+        let err = parse_hook(&other, Some(CONNECTION_RTC)).unwrap_err();
+        assert_eq!(err.field, "type");
+        // Without a header, an exporter body is parsed as one.
+        assert!(matches!(
+            parse_hook(&body(), None),
+            Ok(Webhook::Exporter(_))
+        ));
+    }
+
+    #[test]
+    fn ignored_webhook_types_need_no_stats_shape_but_stats_need_every_field() {
+        for text in [
+            r#"{"type":"session.created","stats":"nope"}"#,
+            r#"{"type":"x","simulcast":"?"}"#,
+        ] {
+            let parsed = parse_webhook(text.as_bytes(), None, OffsetDateTime::now_utc()).unwrap();
+            assert!(matches!(parsed, Webhook::Ignored { .. }), "{text}");
+        }
+        let parsed = parse_webhook(
+            b"not json",
+            Some("anything.else"),
+            OffsetDateTime::now_utc(),
+        );
+        assert!(matches!(parsed, Ok(Webhook::Ignored { .. })));
+        for field in [
+            "timestamp",
+            "channel_id",
+            "session_id",
+            "client_id",
+            "connection_id",
+            "role",
+            "simulcast",
+            "spotlight",
+            "stats",
+        ] {
+            let mut value = webhook_body();
+            value.as_object_mut().unwrap().remove(field);
+            assert_eq!(
+                parse_hook(&value, Some(CONNECTION_RTC)).unwrap_err().field,
+                field
+            );
+        }
+        let mut value = webhook_body();
+        value["group_id"] = json!(["g"]);
+        assert_eq!(
+            parse_hook(&value, Some(CONNECTION_RTC)).unwrap_err().field,
+            "group_id"
+        );
+    }
+
+    #[test]
+    fn spooled_bodies_parse_as_they_arrived() {
+        let now = OffsetDateTime::now_utc();
+        let mut untyped = webhook_body();
+        untyped.as_object_mut().unwrap().remove("type");
+        let report = parse_spooled(Protocol::Webhook, untyped.to_string().as_bytes(), now).unwrap();
+        assert!(report.connection.group_id.is_some());
+        let report = parse_spooled(Protocol::Exporter, body().to_string().as_bytes(), now).unwrap();
+        assert_eq!(report.connection.group_id, None);
+        assert!(parse_spooled(Protocol::Exporter, untyped.to_string().as_bytes(), now).is_err());
     }
 
     mod properties {

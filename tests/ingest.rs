@@ -518,7 +518,10 @@ async fn metrics_move_and_health_names_a_failing_sink() {
         .starts_with("application/openmetrics-text"));
     let before = before.text();
     assert_eq!(
-        metric(&before, "kohaku_stats_objects_received_total"),
+        metric(
+            &before,
+            "kohaku_stats_objects_received_total{protocol=\"exporter\"}"
+        ),
         Some(0.0)
     );
     assert_eq!(
@@ -550,10 +553,19 @@ async fn metrics_move_and_health_names_a_failing_sink() {
     }
     let after = exporter.get("/metrics").await.text();
     assert_eq!(
-        metric(&after, "kohaku_stats_objects_received_total"),
+        metric(
+            &after,
+            "kohaku_stats_objects_received_total{protocol=\"exporter\"}"
+        ),
         Some(12.0)
     );
-    assert_eq!(metric(&after, "kohaku_reports_received_total"), Some(3.0));
+    assert_eq!(
+        metric(
+            &after,
+            "kohaku_reports_received_total{protocol=\"exporter\"}"
+        ),
+        Some(3.0)
+    );
     assert_eq!(
         metric(
             &after,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use kohaku::config::{Config, SinksConfig, SpoolConfig, SqliteSinkConfig};
+use kohaku::sora::Protocol;
 use kohaku::spool::{FsyncPolicy, Spool, SpoolOptions};
 use kohaku_sink::OffsetDateTime;
 
@@ -191,8 +192,16 @@ async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
     let dir = tempfile::tempdir().unwrap();
     let config = spooled_config(dir.path(), 1 << 20);
     let spool_dir = config.spool.as_ref().unwrap().dir.clone();
-    // A crashed Kohaku's spool: the fixture reports, written before any sink read them.
-    let reports = fixture_reports("sora-logs/rtc_stats.sample.jsonl");
+    // A crashed Kohaku's spool: the fixture reports, written before any sink read them: Sora's
+    // as exporter bodies, Chromium's as stats webhooks.
+    let exporter_reports = fixture_reports("sora-logs/rtc_stats.sample.jsonl");
+    let webhooks = fixture_webhooks("chromium/rtc_stats.chromium-av.jsonl");
+    let spooled: Vec<(Protocol, &FixtureReport)> = exporter_reports
+        .iter()
+        .map(|report| (Protocol::Exporter, report))
+        .chain(webhooks.iter().map(|report| (Protocol::Webhook, report)))
+        .collect();
+    let reports: Vec<&FixtureReport> = spooled.iter().map(|(_, report)| *report).collect();
     {
         let mut spool = Spool::open(&SpoolOptions {
             dir: spool_dir.clone(),
@@ -201,9 +210,13 @@ async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
         })
         .unwrap();
         let appender = spool.appender();
-        for report in &reports {
+        for (protocol, report) in &spooled {
             appender
-                .append(OffsetDateTime::now_utc(), report.body.clone().into())
+                .append(
+                    OffsetDateTime::now_utc(),
+                    *protocol,
+                    report.body.clone().into(),
+                )
                 .await
                 .unwrap();
         }
@@ -217,7 +230,8 @@ async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
         .iter()
         .filter_map(|path| {
             let bytes = std::fs::read(path).unwrap();
-            let (spans, stopped) = kohaku::spool::record::scan(&bytes[8..]);
+            let (spans, stopped) =
+                kohaku::spool::record::scan(&bytes[8..], kohaku::spool::record::Format::V2);
             assert_eq!(stopped, None);
             let first = index;
             index += spans.len();
@@ -363,6 +377,17 @@ mod with_postgresql {
         client.send(request).await.ok().map(|answer| answer.status)
     }
 
+    /// POSTs a stats webhook over HTTP/1.1; `None` when the connection is gone.
+    async fn try_post_webhook(client: &H1, body: String) -> Option<StatusCode> {
+        let request = client
+            .request(Method::POST, WEBHOOK_PATH)
+            .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .ok()?;
+        client.send(request).await.ok().map(|answer| answer.status)
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sigkill_under_load_then_restart_stores_every_acknowledged_object_in_both_sinks() {
         let url = testkit::fresh_database("spool_crash").await;
@@ -383,7 +408,14 @@ mod with_postgresql {
         let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
         let killed = Arc::new(AtomicBool::new(false));
         let mut senders = tokio::task::JoinSet::new();
-        for _ in 0..8 {
+        // Half the senders are Sora's webhook workers (HTTP/1.1, one connection each), half its
+        // exporter (HTTP/2 streams on one connection).
+        for sender in 0..8 {
+            let webhook = if sender % 2 == 1 {
+                Some(H1::connect(served.ingest).await)
+            } else {
+                None
+            };
             let (client, next_seed, sent, acknowledged, killed) = (
                 client.clone(),
                 Arc::clone(&next_seed),
@@ -395,9 +427,18 @@ mod with_postgresql {
                 // Bounded: the kill comes long before.
                 for _ in 0..20_000 {
                     let seed = next_seed.fetch_add(1, Ordering::SeqCst);
-                    let body = small_report(seed, OBJECTS_PER_REPORT).to_string();
                     sent.fetch_add(1, Ordering::SeqCst);
-                    match try_post(&client, body).await {
+                    let answer = match &webhook {
+                        Some(webhook) => {
+                            let body = small_webhook(seed, OBJECTS_PER_REPORT).to_string();
+                            try_post_webhook(webhook, body).await
+                        }
+                        None => {
+                            let body = small_report(seed, OBJECTS_PER_REPORT).to_string();
+                            try_post(&client, body).await
+                        }
+                    };
+                    match answer {
                         Some(StatusCode::NO_CONTENT) => {
                             acknowledged.lock().unwrap().0.insert(sora_id(seed));
                         }

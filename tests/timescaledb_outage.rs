@@ -1,5 +1,6 @@
 //! PostgreSQL stopped for seconds under a steady stream of reports, then started again, with the
-//! durable spool on. This binary stops the shared test cluster, so it holds this one test only
+//! durable spool on. Every other report is a stats webhook over HTTP/1.1, the rest exporter
+//! reports over HTTP/2. This binary stops the shared test cluster, so it holds this one test only
 //! (cargo runs test binaries one after another).
 #![cfg(feature = "timescaledb")]
 
@@ -33,6 +34,7 @@ async fn a_database_outage_loses_nothing_acknowledged() {
     });
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;
+    let webhook_client = std::sync::Arc::new(H1::connect(app.ingest_addr()).await);
     let exporter = H2::connect(app.exporter_addr()).await;
 
     let objects_per_report = 8;
@@ -40,14 +42,24 @@ async fn a_database_outage_loses_nothing_acknowledged() {
     let mut seed = 0u64;
     let mut send = |count: usize| {
         let client = client.clone();
+        let webhook_client = std::sync::Arc::clone(&webhook_client);
         let first = seed;
         seed += count as u64;
         async move {
             let mut accepted = 0i64;
             for s in first..first + count as u64 {
-                let answer = client
-                    .post_report(small_report(s, objects_per_report).to_string())
-                    .await;
+                let answer = if s % 2 == 0 {
+                    client
+                        .post_report(small_report(s, objects_per_report).to_string())
+                        .await
+                } else {
+                    webhook_client
+                        .post_webhook(
+                            WEBHOOK_PATH,
+                            small_webhook(s, objects_per_report).to_string(),
+                        )
+                        .await
+                };
                 // The spool holds the outage: nothing is refused.
                 assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
                 accepted += objects_per_report as i64;
@@ -97,6 +109,13 @@ async fn a_database_outage_loses_nothing_acknowledged() {
         testkit::count(&url, "SELECT count(*) FROM (SELECT DISTINCT connection_id, rtc_id, rtc_timestamp FROM rtc_stats) d").await,
         acknowledged
     );
+    // The webhook reports sent during the outage kept their group.
+    let groups = testkit::count(
+        &url,
+        "SELECT count(*) FROM sora_connection WHERE group_id = 'G' || split_part(connection_id, 'C', 2)",
+    )
+    .await;
+    assert_eq!(groups, seed as i64 / 2, "one webhook connection in two");
     wait_for_health(&exporter, StatusCode::OK, Duration::from_secs(10)).await;
     eprintln!(
         "outage of {:.1} s: sent {sent} objects, acknowledged {acknowledged}, stored {stored}",

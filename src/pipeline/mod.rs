@@ -22,6 +22,7 @@ pub use spooled::SpooledPipeline;
 
 use crate::config::PipelineConfig;
 use crate::metrics::Metrics;
+use crate::sora::Protocol;
 use crate::spool::{AppendError, SpoolAppender, SpoolMonitor};
 use crate::sync::{lock, sleep_until_some};
 
@@ -80,15 +81,16 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Queues the report, or says why not. `Ok` means it is in the pipeline: answer 204.
-    pub fn submit(&self, report: Report) -> Result<(), SubmitError> {
+    /// Queues the report that came by `protocol`, or says why not. `Ok` means it is in the
+    /// pipeline: answer 204.
+    pub fn submit(&self, report: Report, protocol: Protocol) -> Result<(), SubmitError> {
         let wanted = self.permits_for(&report)?;
         let permit = match Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
             Ok(permit) => permit,
             Err(TryAcquireError::NoPermits) => return Err(SubmitError::QueueFull),
             Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
         };
-        self.enqueue(report, permit)
+        self.enqueue(report, permit, protocol)
     }
 
     /// Queues the report, waiting while the queue is full. For callers that can wait (the
@@ -99,7 +101,7 @@ impl Ingest {
             .acquire_many_owned(wanted)
             .await
             .map_err(|_| SubmitError::Closed)?;
-        self.enqueue(report, permit)
+        self.enqueue(report, permit, Protocol::Import)
     }
 
     fn permits_for(&self, report: &Report) -> Result<u32, SubmitError> {
@@ -115,7 +117,12 @@ impl Ingest {
         Ok(wanted)
     }
 
-    fn enqueue(&self, report: Report, permit: OwnedSemaphorePermit) -> Result<(), SubmitError> {
+    fn enqueue(
+        &self,
+        report: Report,
+        permit: OwnedSemaphorePermit,
+        protocol: Protocol,
+    ) -> Result<(), SubmitError> {
         let rows = report.row_count();
         self.sender
             .send(Queued {
@@ -123,7 +130,7 @@ impl Ingest {
                 permit,
             })
             .map_err(|_| SubmitError::Closed)?;
-        self.metrics.count_accepted(rows);
+        self.metrics.count_accepted(rows, protocol);
         self.metrics
             .queue_rows
             .set(queued_rows(&self.permits, self.capacity));
@@ -161,13 +168,19 @@ pub enum Intake {
 
 impl Intake {
     /// `Ok` means the report is accepted (in the queue, or on disk in the spool): answer 204.
-    /// `body` is the request body `report` was parsed from; the spool keeps it as received.
-    pub async fn accept(&self, report: Report, body: bytes::Bytes) -> Result<(), AcceptError> {
+    /// `body` is the request body `report` was parsed from, as it came by `protocol`; the spool
+    /// keeps it as received.
+    pub async fn accept(
+        &self,
+        report: Report,
+        body: bytes::Bytes,
+        protocol: Protocol,
+    ) -> Result<(), AcceptError> {
         match self {
-            Self::Queue(ingest) => Ok(ingest.submit(report)?),
+            Self::Queue(ingest) => Ok(ingest.submit(report, protocol)?),
             Self::Spool { appender, metrics } => {
-                appender.append(report.received_at, body).await?;
-                metrics.count_accepted(report.row_count());
+                appender.append(report.received_at, protocol, body).await?;
+                metrics.count_accepted(report.row_count(), protocol);
                 Ok(())
             }
         }

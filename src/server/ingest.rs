@@ -1,10 +1,14 @@
-//! The ingest listener's routes: `POST /collector` (PROTOCOL.md §1) and `GET /.ok`.
+//! The ingest listener's routes: Sora's stats webhook (`server.webhook_path`, HTTP/1.1 or HTTP/2),
+//! its stats exporter (`POST /collector`, HTTP/2) and `GET /.ok`. The README's "Pointing Sora at
+//! Kohaku" and "Answers" describe them.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Method, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::Request;
@@ -13,7 +17,10 @@ use kohaku_sink::OffsetDateTime;
 use super::{response, HttpResponse, Router};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pipeline::{AcceptError, Intake, SinkHealth, SubmitError};
-use crate::sora::{check_exporter_type, parse_report, EXPORTER_TYPE_HEADER};
+use crate::sora::{
+    check_exporter_type, parse_report, parse_webhook, InvalidReport, Protocol, Webhook,
+    EXPORTER_TYPE_HEADER, WEBHOOK_TYPE_HEADER,
+};
 use crate::spool::AppendError;
 
 pub const COLLECTOR_PATH: &str = "/collector";
@@ -27,18 +34,39 @@ pub struct IngestRouter {
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: u64,
     pub body_read_timeout: std::time::Duration,
+    /// `server.webhook_path`.
+    pub webhook_path: String,
+}
+
+/// How a request's body is to be read, decided from its path and headers before it is read.
+enum Expect {
+    /// An exporter body (`x-sora-stats-exporter-type: connection.user-agent`).
+    Exporter,
+    /// A stats-webhook body, typed by `sora-stats-webhook-type` when Sora sent it, else by its own
+    /// `type` (which may also name an exporter body).
+    Webhook { header_type: Option<String> },
 }
 
 #[async_trait]
 impl Router for IngestRouter {
     async fn route(&self, request: Request<Incoming>) -> HttpResponse {
-        let (path_label, response) = match request.uri().path() {
-            COLLECTOR_PATH => (COLLECTOR_PATH, self.collector(request).await),
-            HEALTH_PATH => (HEALTH_PATH, self.health_check(&request).await),
-            other => {
-                tracing::debug!(path = other, "unknown path");
-                ("other", response::not_found(other))
-            }
+        let path = request.uri().path();
+        let (path_label, response) = if path == self.webhook_path {
+            (
+                Cow::Owned(self.webhook_path.clone()),
+                self.webhook(request).await,
+            )
+        } else if path == COLLECTOR_PATH {
+            (Cow::Borrowed(COLLECTOR_PATH), self.collector(request).await)
+        } else if path == HEALTH_PATH {
+            (
+                Cow::Borrowed(HEALTH_PATH),
+                self.health_check(&request).await,
+            )
+        } else {
+            tracing::debug!(path, "unknown path");
+            let answer = response::not_found(path);
+            (Cow::Borrowed("other"), answer)
         };
         self.metrics
             .requests
@@ -52,85 +80,101 @@ impl Router for IngestRouter {
 }
 
 impl IngestRouter {
+    /// `POST /collector`: the exporter's path, HTTP/2 only, exactly as older Sora expects. A request
+    /// carrying the webhook header is a webhook whose URL was set to this path, and is taken as one.
     async fn collector(&self, request: Request<Incoming>) -> HttpResponse {
         if request.method() != Method::POST {
             return response::method_not_allowed("POST");
+        }
+        if request.headers().contains_key(WEBHOOK_TYPE_HEADER) {
+            return self.webhook(request).await;
         }
         if request.version() != Version::HTTP_2 {
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "version",
                 &format!(
-                    "{COLLECTOR_PATH} requires HTTP/2 (h2c with prior knowledge, or h2 over TLS); got {:?}",
-                    request.version()
+                    "{COLLECTOR_PATH} requires HTTP/2 (h2c with prior knowledge, or h2 over TLS); got {:?}. \
+                     Sora's stats webhook (HTTP/1.1) posts to {}",
+                    request.version(),
+                    self.webhook_path
                 ),
             );
         }
-        let headers = request.headers();
-        if let Err(invalid) =
-            check_exporter_type(headers.get(EXPORTER_TYPE_HEADER).map(HeaderValue::as_bytes))
-        {
+        if let Err(invalid) = check_exporter_type(
+            request
+                .headers()
+                .get(EXPORTER_TYPE_HEADER)
+                .map(HeaderValue::as_bytes),
+        ) {
             return refuse(StatusCode::BAD_REQUEST, &invalid.field, &invalid.error);
         }
-        if let Some(content_type) = headers.get(CONTENT_TYPE) {
-            if !is_json(content_type) {
-                return refuse(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "content-type",
-                    &format!(
-                        "expected application/json, got {}",
-                        String::from_utf8_lossy(content_type.as_bytes())
-                    ),
-                );
-            }
-        }
-        let declared_length = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared_length.is_some_and(|length| length > self.max_body_bytes) {
-            return self.too_large();
-        }
+        self.ingest(request, Expect::Exporter).await
+    }
 
-        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let reading = Limited::new(request.into_body(), limit).collect();
-        let Ok(read) = tokio::time::timeout(self.body_read_timeout, reading).await else {
-            return refuse(
-                StatusCode::REQUEST_TIMEOUT,
-                "body",
-                &format!(
-                    "the body did not arrive within {} s (server.body_read_timeout_secs)",
-                    self.body_read_timeout.as_secs()
-                ),
-            );
-        };
-        let body = match read {
-            Ok(collected) => collected.to_bytes(),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => return self.too_large(),
-            Err(err) => {
-                tracing::debug!(error = %err, "cannot read request body");
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    "body",
-                    &format!("cannot read the body: {err}"),
-                );
+    /// `POST <server.webhook_path>`: the stats webhook over HTTP/1.1 or HTTP/2; an exporter request
+    /// sent here is taken too, told apart by its header.
+    async fn webhook(&self, request: Request<Incoming>) -> HttpResponse {
+        if request.method() != Method::POST {
+            return response::method_not_allowed("POST");
+        }
+        let headers = request.headers();
+        let expect = if let Some(exporter_type) = headers.get(EXPORTER_TYPE_HEADER) {
+            if let Err(invalid) = check_exporter_type(Some(exporter_type.as_bytes())) {
+                return refuse(StatusCode::BAD_REQUEST, &invalid.field, &invalid.error);
+            }
+            Expect::Exporter
+        } else {
+            match webhook_type(headers) {
+                Ok(header_type) => Expect::Webhook { header_type },
+                Err(invalid) => {
+                    return refuse(StatusCode::BAD_REQUEST, &invalid.field, &invalid.error)
+                }
             }
         };
+        self.ingest(request, expect).await
+    }
 
-        let report = match parse_report(&body, OffsetDateTime::now_utc()) {
-            Ok(report) => report,
+    /// Reads, parses and queues (or spools) one report; answers once it is accepted or refused.
+    async fn ingest(&self, request: Request<Incoming>, expect: Expect) -> HttpResponse {
+        let body = match self.read_body(request).await {
+            Ok(body) => body,
+            Err(answer) => return answer,
+        };
+        let received_at = OffsetDateTime::now_utc();
+        let parsed = match &expect {
+            Expect::Exporter => parse_report(&body, received_at).map(|r| (r, Protocol::Exporter)),
+            Expect::Webhook { header_type } => {
+                match parse_webhook(&body, header_type.as_deref(), received_at) {
+                    Ok(Webhook::Stats(report)) => Ok((report, Protocol::Webhook)),
+                    Ok(Webhook::Exporter(report)) => Ok((report, Protocol::Exporter)),
+                    Ok(Webhook::Ignored { kind }) => return self.ignored(&kind),
+                    Err(invalid) => Err(invalid),
+                }
+            }
+        };
+        let (report, protocol) = match parsed {
+            Ok(parsed) => parsed,
             Err(invalid) => return refuse(StatusCode::BAD_REQUEST, &invalid.field, &invalid.error),
         };
+        let protocol_name = protocol.as_str();
         let channel_id = report.connection.channel_id.clone();
         let connection_id = report.connection.connection_id.clone();
         let objects = report.row_count();
-        match self.intake.accept(report, body).await {
+        match self.intake.accept(report, body, protocol).await {
             Ok(()) => {
-                tracing::debug!(channel_id, connection_id, objects, "report queued");
+                tracing::debug!(
+                    protocol = protocol_name,
+                    channel_id,
+                    connection_id,
+                    objects,
+                    "report queued"
+                );
                 response::empty(StatusCode::NO_CONTENT)
             }
             Err(AcceptError::Queue(SubmitError::QueueFull)) => {
                 tracing::debug!(
+                    protocol = protocol_name,
                     channel_id,
                     connection_id,
                     objects,
@@ -149,6 +193,7 @@ impl IngestRouter {
             }
             Err(AcceptError::Spool(err @ AppendError::Full { .. })) => {
                 tracing::debug!(
+                    protocol = protocol_name,
                     channel_id,
                     connection_id,
                     objects,
@@ -160,6 +205,73 @@ impl IngestRouter {
                 unavailable("spool", &format!("{err}; retry later"))
             }
         }
+    }
+
+    /// The whole body, within `server.max_body_bytes` and `server.body_read_timeout_secs`, or the
+    /// answer that refuses it.
+    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, HttpResponse> {
+        let headers = request.headers();
+        if let Some(content_type) = headers.get(CONTENT_TYPE) {
+            if !is_json(content_type) {
+                return Err(refuse(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "content-type",
+                    &format!(
+                        "expected application/json, got {}",
+                        String::from_utf8_lossy(content_type.as_bytes())
+                    ),
+                ));
+            }
+        }
+        let declared_length = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared_length.is_some_and(|length| length > self.max_body_bytes) {
+            return Err(self.too_large());
+        }
+
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let reading = Limited::new(request.into_body(), limit).collect();
+        let Ok(read) = tokio::time::timeout(self.body_read_timeout, reading).await else {
+            return Err(refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "body",
+                &format!(
+                    "the body did not arrive within {} s (server.body_read_timeout_secs)",
+                    self.body_read_timeout.as_secs()
+                ),
+            ));
+        };
+        match read {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(self.too_large()),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read request body");
+                Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "body",
+                    &format!("cannot read the body: {err}"),
+                ))
+            }
+        }
+    }
+
+    /// A webhook of a type Kohaku does not store: 200, so that Sora does not log a failed send
+    /// for every one, counted, and logged once per type.
+    fn ignored(&self, kind: &str) -> HttpResponse {
+        if self.metrics.count_ignored(kind) {
+            tracing::info!(
+                protocol = Protocol::Webhook.as_str(),
+                r#type = kind,
+                "stats webhook of a type Kohaku does not store: answered 200 and not stored \
+                 (kohaku_reports_ignored_total counts them; logged once per type)"
+            );
+        }
+        response::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ignored", "type": kind}),
+        )
     }
 
     fn too_large(&self) -> HttpResponse {
@@ -222,6 +334,20 @@ fn unavailable(field: &str, message: &str) -> HttpResponse {
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
     answer
+}
+
+/// The `sora-stats-webhook-type` header's value; `None` when it is absent or empty, so that the
+/// body's `type` decides.
+fn webhook_type(headers: &HeaderMap) -> Result<Option<String>, InvalidReport> {
+    let Some(value) = headers.get(WEBHOOK_TYPE_HEADER) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| InvalidReport {
+        field: WEBHOOK_TYPE_HEADER.to_owned(),
+        error: "the header is not printable ASCII".to_owned(),
+    })?;
+    let text = text.trim();
+    Ok((!text.is_empty()).then(|| text.to_owned()))
 }
 
 fn is_json(content_type: &HeaderValue) -> bool {

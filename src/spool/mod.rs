@@ -23,9 +23,10 @@ use bytes::Bytes;
 use kohaku_sink::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
 
+use crate::sora::Protocol;
 use crate::sync::lock;
 pub use reader::{SpoolBatch, SpoolReader};
-use record::{HEADER_LEN, SEGMENT_MAGIC};
+use record::{Format, HEADER_LEN, SEGMENT_MAGIC};
 
 const SEGMENT_SUFFIX: &str = ".seg";
 const CURSOR_PREFIX: &str = "cursor-";
@@ -222,6 +223,7 @@ impl SpoolMonitor {
 enum Message {
     Append {
         received_at: OffsetDateTime,
+        protocol: Protocol,
         body: Bytes,
         reserved: u64,
         done: oneshot::Sender<Result<(), AppendError>>,
@@ -237,10 +239,12 @@ pub struct SpoolAppender {
 }
 
 impl SpoolAppender {
-    /// Appends one exporter body. `Ok` means it is on disk (synced, with `fsync = "always"`).
+    /// Appends one body that came by `protocol`. `Ok` means it is on disk (synced, with
+    /// `fsync = "always"`).
     pub async fn append(
         &self,
         received_at: OffsetDateTime,
+        protocol: Protocol,
         body: Bytes,
     ) -> Result<(), AppendError> {
         let reserved = record::encoded_len(body.len()) as u64;
@@ -255,6 +259,7 @@ impl SpoolAppender {
         let (done, answer) = oneshot::channel();
         let message = Message::Append {
             received_at,
+            protocol,
             body,
             reserved,
             done,
@@ -439,11 +444,11 @@ fn repair_tail(path: &Path) -> Result<bool, SpoolError> {
             .map_err(io_error(dir, format!("cannot remove {}", path.display())))?;
         return Ok(false);
     }
-    if &bytes[..SEGMENT_MAGIC.len()] != SEGMENT_MAGIC {
+    let Some(format) = Format::of_header(&bytes) else {
         return Err(SpoolError::Foreign(path.to_path_buf()));
-    }
+    };
     let records = &bytes[SEGMENT_MAGIC.len()..];
-    let (spans, stopped) = record::scan(records);
+    let (spans, stopped) = record::scan(records, format);
     if let Some(reason) = stopped {
         let valid = HEADER_LEN + spans.last().map_or(0, |span| span.end as u64);
         tracing::warn!(
@@ -523,11 +528,12 @@ impl Writer {
                 match current {
                     Message::Append {
                         received_at,
+                        protocol,
                         body,
                         reserved,
                         done,
                     } => {
-                        if let Err(err) = self.append(received_at, &body) {
+                        if let Err(err) = self.append(received_at, protocol, &body) {
                             self.fail(reserved, done, &err);
                         } else {
                             waiting.push((reserved, done));
@@ -593,12 +599,17 @@ impl Writer {
     }
 
     /// Buffers one record, first starting a new segment when the current one is full.
-    fn append(&mut self, received_at: OffsetDateTime, body: &[u8]) -> std::io::Result<()> {
+    fn append(
+        &mut self,
+        received_at: OffsetDateTime,
+        protocol: Protocol,
+        body: &[u8],
+    ) -> std::io::Result<()> {
         if self.broken || self.position.offset >= self.segment_bytes {
             self.rotate()?;
         }
         let before = self.buffer.len();
-        record::encode(received_at, body, &mut self.buffer);
+        record::encode(received_at, protocol, body, &mut self.buffer);
         self.position.offset += (self.buffer.len() - before) as u64;
         Ok(())
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kohaku_sink::StatsBatch;
 use tokio::sync::watch;
 
-use super::record::{self, DecodeError, HEADER_LEN, SEGMENT_MAGIC};
+use super::record::{self, DecodeError, Format, HEADER_LEN, SEGMENT_MAGIC};
 use super::{Position, Shared, SinkProgress};
 use crate::sync::{lock, sleep_until_some};
 
@@ -30,7 +30,8 @@ struct Cursor {
     sink: String,
     /// The next record to read.
     position: Position,
-    file: Option<(u64, File)>,
+    /// The open segment: its id, its file and how its records are laid out.
+    file: Option<(u64, File, Format)>,
     buffer: Vec<u8>,
 }
 
@@ -227,7 +228,9 @@ impl Cursor {
             let mut wanted = (limit - self.position.offset).min(READ_CHUNK as u64) as usize;
             loop {
                 self.buffer.resize(wanted, 0);
-                let Some((_, file)) = &self.file else { break };
+                let Some((_, file, _)) = &self.file else {
+                    break;
+                };
                 if let Err(err) = file.read_exact_at(&mut self.buffer, self.position.offset) {
                     self.skip_segment(&format!("cannot read: {err}"));
                     break;
@@ -254,9 +257,13 @@ impl Cursor {
         batch: &mut StatsBatch,
         max_rows: usize,
     ) -> Result<(), DecodeError> {
+        let format = self
+            .file
+            .as_ref()
+            .map_or(Format::V2, |(_, _, format)| *format);
         let mut at = 0;
         while batch.row_count() < max_rows {
-            let decoded = record::decode(&self.buffer[at..]);
+            let decoded = record::decode(&self.buffer[at..], format);
             let (record, len) = match decoded {
                 Ok(None) => return Ok(()),
                 Ok(Some(found)) => found,
@@ -264,7 +271,7 @@ impl Cursor {
                 Err(DecodeError::Torn { .. }) if at > 0 => return Ok(()),
                 Err(err) => return Err(err),
             };
-            match crate::sora::parse_report(record.body, record.received_at) {
+            match crate::sora::parse_spooled(record.protocol, record.body, record.received_at) {
                 Ok(report) => batch.push(Arc::new(report)),
                 Err(invalid) => tracing::error!(
                     sink = self.sink,
@@ -282,8 +289,8 @@ impl Cursor {
 
     fn open(&mut self) -> Option<&File> {
         let segment = self.position.segment;
-        if self.file.as_ref().is_some_and(|(id, _)| *id == segment) {
-            return self.file.as_ref().map(|(_, file)| file);
+        if self.file.as_ref().is_some_and(|(id, _, _)| *id == segment) {
+            return self.file.as_ref().map(|(_, file, _)| file);
         }
         self.file = None;
         let path = self.shared.segment_path(segment);
@@ -296,15 +303,19 @@ impl Cursor {
             }
         };
         let mut magic = [0u8; SEGMENT_MAGIC.len()];
-        if file.read_exact_at(&mut magic, 0).is_err() || &magic != SEGMENT_MAGIC {
+        let format = file
+            .read_exact_at(&mut magic, 0)
+            .ok()
+            .and_then(|()| Format::of_header(&magic));
+        let Some(format) = format else {
             tracing::error!(sink = self.sink, segment = %path.display(), "spool segment has no valid header; skipping it");
             return None;
-        }
+        };
         if self.position.offset < HEADER_LEN {
             self.position.offset = HEADER_LEN;
         }
-        self.file = Some((segment, file));
-        self.file.as_ref().map(|(_, file)| file)
+        self.file = Some((segment, file, format));
+        self.file.as_ref().map(|(_, file, _)| file)
     }
 
     /// Moves to the next segment that exists; false when there is none yet.
@@ -330,7 +341,7 @@ impl Cursor {
         let end = self
             .file
             .as_ref()
-            .and_then(|(_, file)| file.metadata().ok())
+            .and_then(|(_, file, _)| file.metadata().ok())
             .map_or(0, |meta| meta.len());
         tracing::warn!(
             sink = self.sink,

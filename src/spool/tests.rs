@@ -70,7 +70,7 @@ async fn every_sink_reads_every_report_once_and_delivered_segments_are_deleted()
     let [mut fast, mut slow] = readers(&spool, ["fast", "slow"]);
     for seed in 0..60 {
         appender
-            .append(OffsetDateTime::now_utc(), body(seed, 3))
+            .append(OffsetDateTime::now_utc(), Protocol::Exporter, body(seed, 3))
             .await
             .unwrap();
     }
@@ -100,7 +100,7 @@ async fn a_restart_resumes_each_sink_at_its_cursor() {
         let [mut done, _behind] = readers(&spool, ["done", "behind"]);
         for seed in 0..10 {
             appender
-                .append(OffsetDateTime::now_utc(), body(seed, 2))
+                .append(OffsetDateTime::now_utc(), Protocol::Exporter, body(seed, 2))
                 .await
                 .unwrap();
         }
@@ -110,7 +110,7 @@ async fn a_restart_resumes_each_sink_at_its_cursor() {
     let spool = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
     let appender = spool.appender();
     appender
-        .append(OffsetDateTime::now_utc(), body(10, 2))
+        .append(OffsetDateTime::now_utc(), Protocol::Exporter, body(10, 2))
         .await
         .unwrap();
     let [mut done, mut behind] = readers(&spool, ["done", "behind"]);
@@ -127,7 +127,11 @@ async fn a_full_spool_refuses_until_the_sinks_catch_up() {
     let mut accepted = 0;
     let refused = loop {
         match appender
-            .append(OffsetDateTime::now_utc(), body(accepted, 4))
+            .append(
+                OffsetDateTime::now_utc(),
+                Protocol::Exporter,
+                body(accepted, 4),
+            )
             .await
         {
             Ok(()) => accepted += 1,
@@ -144,7 +148,11 @@ async fn a_full_spool_refuses_until_the_sinks_catch_up() {
     assert!(spool.monitor().status().bytes <= 16 * 1024);
     assert_eq!(drain(&mut reader).await, ids(0..accepted));
     appender
-        .append(OffsetDateTime::now_utc(), body(accepted, 4))
+        .append(
+            OffsetDateTime::now_utc(),
+            Protocol::Exporter,
+            body(accepted, 4),
+        )
         .await
         .expect("room again once the reader has passed the segments");
 }
@@ -169,7 +177,7 @@ async fn a_torn_tail_is_cut_and_the_intact_records_replayed() {
         let appender = spool.appender();
         for seed in 0..5 {
             appender
-                .append(OffsetDateTime::now_utc(), body(seed, 2))
+                .append(OffsetDateTime::now_utc(), Protocol::Exporter, body(seed, 2))
                 .await
                 .unwrap();
         }
@@ -195,5 +203,71 @@ async fn a_segment_from_another_format_stops_start_up_by_name() {
     assert!(
         err.to_string().contains("00000000000000000003.seg"),
         "{err}"
+    );
+}
+
+/// A stats-webhook body as Sora sends it, typed by its header only (no `type` member): replay
+/// must parse it as a webhook, which the protocol byte of its record says.
+fn webhook_body(seed: u64) -> Bytes {
+    let connection_id = format!("{:0>26}", format!("W{seed}"));
+    Bytes::from(format!(
+        r#"{{"id":"NKSZER34ZN5J77HTVNQP1FWJ1W","timestamp":"2025-07-25T06:06:51.592776Z","label":"WebRTC SFU Sora","version":"2025.2.1","node_name":"sora@127.0.0.1","role":"sendrecv","simulcast":false,"spotlight":false,"channel_id":"sora","session_id":"7N8FP3M0ZH2ASBCDPHRGS2HYB8","client_id":"{connection_id}","connection_id":"{connection_id}","group_id":"G{seed}","stats":[{{"id":"D1","type":"data-channel","timestamp":1753423611556.5}}]}}"#
+    ))
+}
+
+#[tokio::test]
+async fn webhook_records_and_segments_of_the_first_format_replay_after_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    // What an older Kohaku left: a segment of the first format holding two exporter bodies.
+    let mut old = record::SEGMENT_MAGIC_V1.to_vec();
+    old.extend(record::encode_v1(OffsetDateTime::now_utc(), &body(1, 2)));
+    old.extend(record::encode_v1(OffsetDateTime::now_utc(), &body(2, 2)));
+    std::fs::write(dir.path().join(format!("{:020}.seg", 1)), &old).unwrap();
+
+    let spool = Spool::open(&options(dir.path(), 64 * 1024)).unwrap();
+    let appender = spool.appender();
+    appender
+        .append(
+            OffsetDateTime::now_utc(),
+            Protocol::Webhook,
+            webhook_body(3),
+        )
+        .await
+        .unwrap();
+    appender
+        .append(OffsetDateTime::now_utc(), Protocol::Exporter, body(4, 1))
+        .await
+        .unwrap();
+    let [mut reader] = readers(&spool, ["only"]);
+    let (_closing, mut closing_rx) = watch::channel(false);
+    let mut reports = Vec::new();
+    while let Ok(Some(next)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        reader.next_batch(100, Duration::from_millis(5), &mut closing_rx),
+    )
+    .await
+    {
+        reports.extend(next.batch.reports().iter().cloned());
+        reader.ack(next.end).await;
+    }
+    let seen: Vec<(String, Option<String>, usize)> = reports
+        .iter()
+        .map(|report| {
+            (
+                report.connection.connection_id.clone(),
+                report.connection.group_id.clone(),
+                report.stats.len(),
+            )
+        })
+        .collect();
+    let id = |prefix: &str, seed: u64| format!("{:0>26}", format!("{prefix}{seed}"));
+    assert_eq!(
+        seen,
+        vec![
+            (id("C", 1), None, 2),
+            (id("C", 2), None, 2),
+            (id("W", 3), Some("G3".to_owned()), 1),
+            (id("C", 4), None, 1),
+        ]
     );
 }

@@ -1,5 +1,5 @@
-//! Shared by the end-to-end tests: fixture reports, a running Kohaku, real HTTP/2 clients, and
-//! reading back what SQLite stored.
+//! Shared by the end-to-end tests: fixture reports, a running Kohaku, real HTTP/1.1 and HTTP/2
+//! clients, and reading back what SQLite stored.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
@@ -40,6 +40,9 @@ pub fn kohaku_command() -> std::process::Command {
 }
 
 pub const EXPORTER_TYPE: (&str, &str) = ("x-sora-stats-exporter-type", "connection.user-agent");
+pub const WEBHOOK_TYPE: (&str, &str) = ("sora-stats-webhook-type", "connection.rtc");
+/// `server.webhook_path`'s default: where Sora's documented example posts.
+pub const WEBHOOK_PATH: &str = "/sora/webhook/stats";
 
 pub fn fixture_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -56,21 +59,35 @@ pub struct FixtureObject {
     pub text: String,
 }
 
-/// One exporter request rebuilt from a Sora log: the lines Sora wrote for one connection at one
-/// export time, as Sora's exporter would have sent them.
+/// One request rebuilt from a Sora log: the lines Sora wrote for one connection at one send, as
+/// Sora's stats exporter ([`fixture_reports`]) or its stats webhook ([`fixture_webhooks`]) would
+/// have sent them.
 #[derive(Debug, Clone)]
 pub struct FixtureReport {
     pub channel_id: String,
     pub connection_id: String,
     pub role: String,
+    pub group_id: Option<String>,
     pub objects: Vec<FixtureObject>,
     pub body: String,
+}
+
+/// Which of Sora's requests a fixture report is rebuilt as.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// `connection.user-agent`: the log lines' envelope without `id`, `group_id` or `log_written`.
+    Exporter,
+    /// `connection.rtc`: the log lines' envelope (with `id`, `group_id` and, to check that unknown
+    /// members are ignored, `log_written`) and a `stats` array (PROTOCOL.md §1a).
+    Webhook,
 }
 
 #[derive(Deserialize)]
 struct LogLine {
     #[serde(rename = "type")]
     line_type: String,
+    /// One per webhook request, shared by its lines.
+    id: String,
     timestamp: String,
     label: String,
     version: String,
@@ -81,9 +98,11 @@ struct LogLine {
     client_id: String,
     connection_id: String,
     bundle_id: Option<String>,
+    group_id: Option<String>,
     multistream: Option<bool>,
     simulcast: bool,
     spotlight: bool,
+    log_written: Option<bool>,
     rtc_data: Box<RawValue>,
 }
 
@@ -95,15 +114,31 @@ struct ObjectHead {
     timestamp: f64,
 }
 
-/// Reports rebuilt from an `rtc_stats.jsonl` fixture, in file order.
+/// Exporter requests rebuilt from an `rtc_stats.jsonl` fixture, in file order: its lines grouped
+/// by connection and send time.
 pub fn fixture_reports(relative: &str) -> Vec<FixtureReport> {
+    rebuild(relative, Shape::Exporter)
+}
+
+/// Stats-webhook requests rebuilt from an `rtc_stats.jsonl` fixture, in file order: its lines
+/// grouped by `(connection_id, id)`, as Sora wrote one webhook's stats "individually instead of as
+/// a list".
+pub fn fixture_webhooks(relative: &str) -> Vec<FixtureReport> {
+    rebuild(relative, Shape::Webhook)
+}
+
+fn rebuild(relative: &str, shape: Shape) -> Vec<FixtureReport> {
     let text = std::fs::read_to_string(fixture_path(relative)).expect("fixture readable");
     let mut order: Vec<(String, String)> = Vec::new();
     let mut groups: HashMap<(String, String), Vec<LogLine>> = HashMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let line: LogLine = serde_json::from_str(line).expect("fixture line parses");
         assert_eq!(line.line_type, "connection.rtc");
-        let key = (line.connection_id.clone(), line.timestamp.clone());
+        let request = match shape {
+            Shape::Exporter => line.timestamp.clone(),
+            Shape::Webhook => line.id.clone(),
+        };
+        let key = (line.connection_id.clone(), request);
         if !groups.contains_key(&key) {
             order.push(key.clone());
         }
@@ -113,15 +148,19 @@ pub fn fixture_reports(relative: &str) -> Vec<FixtureReport> {
         .into_iter()
         .map(|key| {
             let lines = groups.remove(&key).expect("grouped");
-            build_report(&lines)
+            build_report(&lines, shape)
         })
         .collect()
 }
 
-fn build_report(lines: &[LogLine]) -> FixtureReport {
+fn build_report(lines: &[LogLine], shape: Shape) -> FixtureReport {
     let first = &lines[0];
+    let event_type = match shape {
+        Shape::Exporter => "connection.user-agent",
+        Shape::Webhook => "connection.rtc",
+    };
     let mut metadata = serde_json::json!({
-        "type": "connection.user-agent",
+        "type": event_type,
         "timestamp": first.timestamp,
         "label": first.label,
         "version": first.version,
@@ -139,6 +178,15 @@ fn build_report(lines: &[LogLine]) -> FixtureReport {
     }
     if let Some(multistream) = first.multistream {
         metadata["multistream"] = Value::from(multistream);
+    }
+    if let Shape::Webhook = shape {
+        metadata["id"] = Value::from(first.id.as_str());
+        if let Some(group_id) = &first.group_id {
+            metadata["group_id"] = Value::from(group_id.as_str());
+        }
+        if let Some(log_written) = first.log_written {
+            metadata["log_written"] = Value::from(log_written);
+        }
     }
     let metadata = metadata.to_string();
     let objects: Vec<FixtureObject> = lines
@@ -164,6 +212,10 @@ fn build_report(lines: &[LogLine]) -> FixtureReport {
         channel_id: first.channel_id.clone(),
         connection_id: first.connection_id.clone(),
         role: first.role.clone(),
+        group_id: match shape {
+            Shape::Exporter => None,
+            Shape::Webhook => first.group_id.clone(),
+        },
         objects,
         body,
     }
@@ -192,6 +244,18 @@ pub fn small_report(seed: u64, objects: usize) -> Value {
         "client_id": connection_id, "connection_id": connection_id,
         "stats": stats
     })
+}
+
+/// [`small_report`] as Sora's stats webhook sends it: `connection.rtc`, the webhook's `id` and a
+/// `group_id` (`G<seed>`), no `multistream`.
+pub fn small_webhook(seed: u64, objects: usize) -> Value {
+    let mut body = small_report(seed, objects);
+    let fields = body.as_object_mut().expect("an object");
+    fields.remove("multistream");
+    fields.insert("type".into(), Value::from("connection.rtc"));
+    fields.insert("id".into(), Value::from(sora_id(seed + 1_000_000)));
+    fields.insert("group_id".into(), Value::from(format!("G{seed}")));
+    body
 }
 
 /// A 26-character Sora-style id.
@@ -335,10 +399,107 @@ impl H2 {
         self.send(request).await.expect("request answered")
     }
 
+    /// POST a stats webhook to `path` with Sora's headers.
+    pub async fn post_webhook(&self, path: &str, body: impl Into<Bytes>) -> Answer {
+        let request = self
+            .request(Method::POST, path)
+            .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .expect("request");
+        self.send(request).await.expect("request answered")
+    }
+
     pub async fn get(&self, path: &str) -> Answer {
         let request = self
             .request(Method::GET, path)
             .body(Full::new(Bytes::new()))
+            .expect("request");
+        self.send(request).await.expect("request answered")
+    }
+}
+
+/// A real HTTP/1.1 client on one keep-alive connection, as each of Sora's webhook workers is.
+pub struct H1 {
+    sender: tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    authority: String,
+}
+
+impl H1 {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        Self::handshake(tcp, addr)
+            .await
+            .expect("HTTP/1.1 handshake")
+    }
+
+    /// HTTP/1.1 over TLS; `config` decides which ALPN protocols are offered (none, like many
+    /// HTTP/1.1 clients, or `http/1.1`).
+    pub async fn connect_tls(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, String> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        Self::handshake(tls, addr).await
+    }
+
+    async fn handshake<I>(io: I, addr: SocketAddr) -> Result<Self, String>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        Ok(Self {
+            sender: tokio::sync::Mutex::new(sender),
+            authority: addr.to_string(),
+        })
+    }
+
+    /// A request in origin form (`POST /path` with a `host` header), as HTTP/1.1 clients send.
+    pub fn request(&self, method: Method, path: &str) -> http::request::Builder {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, self.authority.as_str())
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Answer, hyper::Error> {
+        let mut sender = self.sender.lock().await;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        assert_eq!(
+            parts.version,
+            http::Version::HTTP_11,
+            "answered over HTTP/1.1"
+        );
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
+    /// POST a stats webhook to `path` with Sora's headers.
+    pub async fn post_webhook(&self, path: &str, body: impl Into<Bytes>) -> Answer {
+        let request = self
+            .request(Method::POST, path)
+            .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
             .expect("request");
         self.send(request).await.expect("request answered")
     }

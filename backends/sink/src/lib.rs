@@ -45,6 +45,8 @@ pub struct Connection {
     pub client_id: String,
     pub connection_id: String,
     pub bundle_id: Option<String>,
+    /// The stats webhook's `group_id` (Sora 2025.2 and later); the exporter does not send it.
+    pub group_id: Option<String>,
     pub label: String,
     pub version: String,
     pub node_name: String,

@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "views",
         include_str!("../../../schemas/sqlite/0002_views.sql"),
     ),
+    (
+        3,
+        "group_id",
+        include_str!("../../../schemas/sqlite/0003_group_id.sql"),
+    ),
 ];
 
 /// The schema version this build creates: the last migration's.
@@ -37,8 +42,8 @@ const INSERT_STATS: &str =
 
 // A late, older report must not move last_seen backwards nor overwrite newer metadata.
 const UPSERT_CONNECTION: &str = "INSERT INTO sora_connection (channel_id, session_id, client_id, connection_id, \
-     bundle_id, label, version, node_name, role, multistream, simulcast, spotlight, first_seen, last_seen) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13) \
+     bundle_id, label, version, node_name, role, multistream, simulcast, spotlight, first_seen, last_seen, group_id) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14) \
      ON CONFLICT (connection_id) DO UPDATE SET \
        first_seen = min(first_seen, excluded.first_seen), \
        last_seen = max(last_seen, excluded.last_seen), \
@@ -46,6 +51,7 @@ const UPSERT_CONNECTION: &str = "INSERT INTO sora_connection (channel_id, sessio
        session_id = CASE WHEN excluded.last_seen >= last_seen THEN excluded.session_id ELSE session_id END, \
        client_id = CASE WHEN excluded.last_seen >= last_seen THEN excluded.client_id ELSE client_id END, \
        bundle_id = CASE WHEN excluded.last_seen >= last_seen THEN excluded.bundle_id ELSE bundle_id END, \
+       group_id = CASE WHEN excluded.last_seen >= last_seen THEN excluded.group_id ELSE group_id END, \
        label = CASE WHEN excluded.last_seen >= last_seen THEN excluded.label ELSE label END, \
        version = CASE WHEN excluded.last_seen >= last_seen THEN excluded.version ELSE version END, \
        node_name = CASE WHEN excluded.last_seen >= last_seen THEN excluded.node_name ELSE node_name END, \
@@ -248,6 +254,7 @@ fn write_batch(connection: &mut Connection, batch: &StatsBatch) -> Result<WriteR
                     connection.simulcast,
                     connection.spotlight,
                     sora_timestamp,
+                    connection.group_id,
                 ])
                 .map_err(fail("sqlite: cannot upsert sora_connection"))?;
             for object in stats {

@@ -83,7 +83,7 @@ impl ConformanceTarget for SqliteTarget {
         self.reader()
             .query_row(
                 "SELECT channel_id, session_id, client_id, connection_id, bundle_id, label, version, node_name, \
-                 role, multistream, simulcast, spotlight, first_seen, last_seen \
+                 role, multistream, simulcast, spotlight, first_seen, last_seen, group_id \
                  FROM sora_connection WHERE connection_id = ?1",
                 params![connection_id],
                 |row| {
@@ -94,6 +94,7 @@ impl ConformanceTarget for SqliteTarget {
                             client_id: row.get(2)?,
                             connection_id: row.get(3)?,
                             bundle_id: row.get(4)?,
+                            group_id: row.get(14)?,
                             label: row.get(5)?,
                             version: row.get(6)?,
                             node_name: row.get(7)?,

@@ -34,7 +34,7 @@ const RETENTION_DELETE_BATCH: i64 = 10_000;
 const MIGRATION_LOCK_KEY: i64 = 0x6b6f_6861_6b75;
 /// Bytes of COPY data sent per message.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
-/// Connections upserted per statement: 13 parameters each, below PostgreSQL's 65535 limit.
+/// Connections upserted per statement: 15 parameters each, below PostgreSQL's 65535 limit.
 const CONNECTIONS_PER_UPSERT: usize = 4_000;
 
 const CREATE_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS kohaku_rtc_stats_stage (\
@@ -59,7 +59,7 @@ const INSERT_ONE: &str = "INSERT INTO rtc_stats (rtc_time, channel_id, session_i
 
 const CONNECTION_COLUMNS: &str = "INSERT INTO sora_connection (channel_id, session_id, client_id, \
      connection_id, bundle_id, label, version, node_name, role, multistream, simulcast, spotlight, \
-     first_seen, last_seen) ";
+     first_seen, last_seen, group_id) ";
 
 /// Metadata follows the newest report; first/last seen only widen.
 const CONNECTION_CONFLICT: &str = " ON CONFLICT (connection_id) DO UPDATE SET \
@@ -69,6 +69,7 @@ const CONNECTION_CONFLICT: &str = " ON CONFLICT (connection_id) DO UPDATE SET \
      session_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.session_id ELSE sora_connection.session_id END, \
      client_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.client_id ELSE sora_connection.client_id END, \
      bundle_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.bundle_id ELSE sora_connection.bundle_id END, \
+     group_id = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.group_id ELSE sora_connection.group_id END, \
      label = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.label ELSE sora_connection.label END, \
      version = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.version ELSE sora_connection.version END, \
      node_name = CASE WHEN EXCLUDED.last_seen >= sora_connection.last_seen THEN EXCLUDED.node_name ELSE sora_connection.node_name END, \
@@ -587,7 +588,8 @@ async fn upsert_connections(
                 .push_bind(first_seen.as_str())
                 .push_unseparated("::timestamptz")
                 .push_bind(last_seen.as_str())
-                .push_unseparated("::timestamptz");
+                .push_unseparated("::timestamptz")
+                .push_bind(&connection.group_id);
         });
         query.push(CONNECTION_CONFLICT);
         query
@@ -652,6 +654,10 @@ fn connection_problem(connection: &Connection) -> Option<String> {
         (
             "bundle_id",
             connection.bundle_id.as_deref().unwrap_or_default(),
+        ),
+        (
+            "group_id",
+            connection.group_id.as_deref().unwrap_or_default(),
         ),
         ("label", &connection.label),
         ("version", &connection.version),

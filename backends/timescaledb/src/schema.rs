@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "dashboards",
         include_str!("../../../schemas/timescaledb/0003_dashboards.sql"),
     ),
+    (
+        4,
+        "group_id",
+        include_str!("../../../schemas/timescaledb/0004_group_id.sql"),
+    ),
 ];
 
 const TIMESCALEDB_SQL: &str = include_str!("../../../schemas/timescaledb/timescaledb.sql");

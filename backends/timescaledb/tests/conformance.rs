@@ -95,7 +95,7 @@ impl ConformanceTarget for PgTarget {
 
     async fn stored_connection(&self, connection_id: &str) -> Option<StoredConnection> {
         let sql = format!(
-            "SELECT channel_id, session_id, client_id, connection_id, bundle_id, label, version, node_name, role, \
+            "SELECT channel_id, session_id, client_id, connection_id, bundle_id, group_id, label, version, node_name, role, \
              multistream, simulcast, spotlight, to_char(first_seen AT TIME ZONE 'UTC', {ISO}) AS first_seen, \
              to_char(last_seen AT TIME ZONE 'UTC', {ISO}) AS last_seen FROM sora_connection WHERE connection_id = $1"
         );
@@ -111,6 +111,7 @@ impl ConformanceTarget for PgTarget {
                 client_id: row.get("client_id"),
                 connection_id: row.get("connection_id"),
                 bundle_id: row.get("bundle_id"),
+                group_id: row.get("group_id"),
                 label: row.get("label"),
                 version: row.get("version"),
                 node_name: row.get("node_name"),

@@ -272,6 +272,9 @@ fn plan_report(report: &Report, plan: &mut Plan, seen: &mut Seen) {
     if let Some(multistream) = connection.multistream {
         connection_measures.push(boolean("multistream", multistream));
     }
+    if let Some(group_id) = &connection.group_id {
+        connection_measures.push(varchar("group_id", group_id));
+    }
     let before = connection_measures.len();
     connection_measures.retain(|measure| !measure.value.is_empty());
     plan.omitted_values += (before - connection_measures.len()) as u64;

@@ -218,6 +218,7 @@ impl ConformanceTarget for MotoTarget {
                 client_id: dim("client_id"),
                 connection_id: dim("connection_id"),
                 bundle_id: latest.dimension("bundle_id").map(str::to_owned),
+                group_id: latest.measure("group_id").map(str::to_owned),
                 label: measure("label"),
                 version: measure("version"),
                 node_name: measure("node_name"),

@@ -146,6 +146,7 @@ pub async fn odd_ids_and_unicode(target: &dyn ConformanceTarget) {
     connection.channel_id = format!("チャンネル/🎥 \"quoted\" \\ {}", "x".repeat(200));
     connection.client_id = "client with spaces; and=:+/ punctuation".into();
     connection.bundle_id = None;
+    connection.group_id = Some("グループ \"g\" \\ 🎥".into());
     connection.multistream = Some(true);
     connection.simulcast = true;
     connection.spotlight = true;

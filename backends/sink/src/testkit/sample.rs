@@ -42,7 +42,10 @@ pub fn connection(seed: u64) -> Connection {
         session_id: sora_id(seed.wrapping_mul(31).wrapping_add(7)),
         client_id: id.clone(),
         connection_id: id.clone(),
-        bundle_id: Some(id),
+        bundle_id: Some(id.clone()),
+        group_id: seed
+            .is_multiple_of(2)
+            .then(|| format!("group-{}", seed % 5)),
         label: "WebRTC SFU Sora".into(),
         version: "2025.2.1".into(),
         node_name: "sora@127.0.0.1".into(),
