@@ -226,7 +226,7 @@ def overview(backend):
               "WHERE {RANGE} AND {CHANNELS} GROUP BY 1 ORDER BY 1",
               unit="short", minimum=0),
         panel(layout, backend, "table", "Connections",
-              "SELECT c.channel_id, c.connection_id, c.role, c.client_id, c.node_name AS sora_node, "
+              "SELECT c.channel_id, c.connection_id, c.role, c.client_id, c.group_id, c.node_name AS sora_node, "
               "c.version AS sora_version, c.simulcast, c.first_seen, c.last_seen, "
               "(SELECT max(encoder_implementation) FROM rtc_outbound_rtp o "
               "WHERE o.connection_id = c.connection_id AND {RANGE}) AS encoder, "
@@ -235,7 +235,8 @@ def overview(backend):
               "FROM sora_connection c WHERE {CONN_RANGE} AND c.{CHANNELS} "
               "ORDER BY c.last_seen DESC",
               width=24, height=10, links=link,
-              description="Encoder and decoder implementations are what the browser reports "
+              description="group_id is the stats webhook's (Sora 2025.2 and later; empty for "
+              "the older exporter). Encoder and decoder implementations are what the browser reports "
               "(e.g. libvpx, ExternalEncoder); they hint at the platform. Click a connection "
               "for its details."),
         panel(layout, backend, "table", "Reception by connection (inbound-rtp)",
@@ -273,7 +274,7 @@ def connection(backend):
     outbound = "FROM rtc_outbound_rtp_rates WHERE {CONNECTION}"
     panels = [
         panel(layout, backend, "table", "Connection",
-              "SELECT channel_id, connection_id, session_id, client_id, role, node_name AS sora_node, "
+              "SELECT channel_id, connection_id, session_id, client_id, group_id, role, node_name AS sora_node, "
               "version AS sora_version, simulcast, spotlight, first_seen, last_seen FROM sora_connection "
               "WHERE channel_id = ${channel_id:singlequote} AND connection_id = ${connection_id:singlequote}",
               width=24, height=4),

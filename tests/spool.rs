@@ -190,7 +190,7 @@ fn segments(spool: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let config = spooled_config(dir.path(), 1 << 20);
+    let config = spooled_config(dir.path(), 4 << 20);
     let spool_dir = config.spool.as_ref().unwrap().dir.clone();
     // A crashed Kohaku's spool: the fixture reports, written before any sink read them: Sora's
     // as exporter bodies, Chromium's as stats webhooks.
@@ -205,7 +205,7 @@ async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
     {
         let mut spool = Spool::open(&SpoolOptions {
             dir: spool_dir.clone(),
-            max_bytes: 256 * 1024,
+            max_bytes: 1 << 20,
             fsync: FsyncPolicy::Always,
         })
         .unwrap();
@@ -519,6 +519,14 @@ mod with_postgresql {
         assert!(
             missing_postgres.is_empty(),
             "missing in PostgreSQL: {missing_postgres:?}"
+        );
+        let webhook_connections = sqlite_count(
+            &db,
+            "SELECT count(*) FROM sora_connection WHERE group_id IS NOT NULL",
+        );
+        assert!(
+            webhook_connections > 0,
+            "the webhook senders were acknowledged too"
         );
         // Reports in flight at the kill may be stored without their 204; nothing is stored twice.
         for (store, rows, connections) in [

@@ -178,3 +178,63 @@ async fn newer_schema_is_refused_with_a_clear_message() {
     assert!(!err.is_transient());
     assert!(err.to_string().contains("version 99"), "{err}");
 }
+
+/// A database an older Kohaku (schema version 2, before `group_id`) filled is upgraded in place:
+/// its rows stay, its connections have no group, and the next report of a connection sets one.
+#[tokio::test]
+async fn a_database_of_an_older_version_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("old.db");
+    {
+        let old = Connection::open(&path).expect("open");
+        old.execute_batch(concat!(
+            include_str!("../../../schemas/sqlite/0001_init.sql"),
+            include_str!("../../../schemas/sqlite/0002_views.sql"),
+            "CREATE TABLE kohaku_schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL);
+             INSERT INTO kohaku_schema_migrations VALUES (1, 'init', '2025-07-25T00:00:00.000000Z'), (2, 'views', '2025-07-25T00:00:00.000000Z');
+             INSERT INTO rtc_stats VALUES ('ch', 's', 'c', 'OLDCONNECTION0000000000000', NULL, 'codec', 'C1', 1753423611556.5, '{\"id\":\"C1\"}', '2025-07-25T00:00:00.000000Z', '2025-07-25T00:00:00.000000Z');
+             INSERT INTO sora_connection VALUES ('ch', 's', 'c', 'OLDCONNECTION0000000000000', NULL, 'l', 'v', 'n', 'sendrecv', NULL, 0, 0, '2025-07-25T00:00:00.000000Z', '2025-07-25T00:00:00.000000Z');"
+        ))
+        .expect("schema version 2 with data");
+    }
+    let sink = SqliteSink::open(&SqliteOptions::new(&path)).expect("open");
+    sink.migrate().await.expect("upgrade");
+    sink.migrate().await.expect("again: a no-op");
+    let reader = Connection::open(&path).expect("open");
+    let versions: Vec<i64> = reader
+        .prepare("SELECT version FROM kohaku_schema_migrations ORDER BY version")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(versions, vec![1, 2, 3]);
+    assert_eq!(kohaku_sqlite::SCHEMA_VERSION, 3);
+    let group_of = || -> Option<String> {
+        reader
+            .query_row(
+                "SELECT group_id FROM sora_connection WHERE connection_id = 'OLDCONNECTION0000000000000'",
+                [],
+                |row| row.get(0),
+            )
+            .expect("old connection kept")
+    };
+    assert_eq!(group_of(), None);
+    let mut report = kohaku_sink::testkit::sample::report(
+        kohaku_sink::testkit::sample::connection(1),
+        1_753_423_699_000.0,
+        2,
+    );
+    report.connection.connection_id = "OLDCONNECTION0000000000000".into();
+    report.connection.group_id = Some("G1".into());
+    let written = sink
+        .write(&kohaku_sink::testkit::sample::batch([report]))
+        .await
+        .expect("write after the upgrade");
+    assert_eq!(written.written, 2);
+    assert_eq!(group_of().as_deref(), Some("G1"));
+    let rows: i64 = reader
+        .query_row("SELECT count(*) FROM rtc_stats", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(rows, 3, "the old row stays");
+}

@@ -157,20 +157,46 @@ async fn an_older_schema_is_upgraded_and_migrations_are_idempotent() {
     let url = fresh_database("upgrade").await;
     let sink = sink_for(&url).await;
     assert_eq!(sink.migrate_to(1).await.expect("version 1"), 1);
-    let batch = sample::batch([sample::every_type_report(
-        sample::connection(7),
-        1_753_423_611_556.5,
-    )]);
-    let written = sink
-        .write(&batch)
+    // What a Kohaku of schema version 1 wrote; this build's writer fills columns added since.
+    let reader = PgPool::connect(&url).await.unwrap();
+    let report = sample::every_type_report(sample::connection(7), 1_753_423_611_556.5);
+    let connection = &report.connection;
+    for object in &report.stats {
+        sqlx::query(
+            "INSERT INTO rtc_stats (rtc_time, channel_id, session_id, client_id, connection_id, \
+             bundle_id, rtc_type, rtc_id, rtc_timestamp, rtc_data, sora_timestamp, received_at) \
+             VALUES (to_timestamp($8 / 1000.0), $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, now(), now())",
+        )
+        .bind(&connection.channel_id)
+        .bind(&connection.session_id)
+        .bind(&connection.client_id)
+        .bind(&connection.connection_id)
+        .bind(&connection.bundle_id)
+        .bind(&object.rtc_type)
+        .bind(&object.rtc_id)
+        .bind(object.rtc_timestamp)
+        .bind(object.rtc_data.get())
+        .execute(&reader)
         .await
-        .expect("write at version 1")
-        .written;
-    assert!(written > 0);
+        .expect("write at version 1");
+    }
+    sqlx::query(
+        "INSERT INTO sora_connection (channel_id, session_id, client_id, connection_id, label, \
+         version, node_name, role, simulcast, spotlight, first_seen, last_seen) \
+         VALUES ($1, $2, $3, $4, 'l', 'v', 'n', 'sendrecv', false, false, \
+         '2025-07-25T00:00:00Z', '2025-07-25T00:00:00Z')",
+    )
+    .bind(&connection.channel_id)
+    .bind(&connection.session_id)
+    .bind(&connection.client_id)
+    .bind(&connection.connection_id)
+    .execute(&reader)
+    .await
+    .expect("connection at version 1");
+    let written = report.stats.len() as u64;
 
     sink.migrate().await.expect("upgrade");
     sink.migrate().await.expect("again: a no-op");
-    let reader = PgPool::connect(&url).await.unwrap();
     let versions: Vec<i32> =
         sqlx::query_scalar("SELECT version FROM kohaku_schema_migrations ORDER BY version")
             .fetch_all(&reader)
@@ -186,7 +212,7 @@ async fn an_older_schema_is_upgraded_and_migrations_are_idempotent() {
         .await
         .unwrap();
     assert_eq!(rows as u64, written, "data survives the upgrade");
-    // The typed views of version 2 read the rows written at version 1.
+    // The typed views read the rows written before the upgrade.
     let outbound: i64 =
         sqlx::query_scalar("SELECT count(*) FROM rtc_outbound_rtp WHERE bytes_sent IS NOT NULL")
             .fetch_one(&reader)
@@ -198,6 +224,21 @@ async fn an_older_schema_is_upgraded_and_migrations_are_idempotent() {
         .await
         .unwrap();
     assert_eq!(rates, outbound, "one rate row per sample");
+    // The old connection has no group; the next webhook report of it sets one.
+    let group_of = || {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT group_id FROM sora_connection WHERE connection_id = $1",
+        )
+        .bind(&connection.connection_id)
+        .fetch_one(&reader)
+    };
+    assert_eq!(group_of().await.unwrap(), None);
+    let mut grouped = sample::report(connection.clone(), 1_753_423_699_000.0, 2);
+    grouped.connection.group_id = Some("G7".into());
+    sink.write(&sample::batch([grouped]))
+        .await
+        .expect("write after the upgrade");
+    assert_eq!(group_of().await.unwrap().as_deref(), Some("G7"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
