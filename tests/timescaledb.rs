@@ -139,3 +139,96 @@ async fn the_same_reports_twice_are_stored_once() {
     );
     app.shutdown().await;
 }
+
+/// Current Sora's stats webhook into PostgreSQL: what Sora's and Chromium's logs hold, posted as
+/// webhooks over HTTP/1.1, is stored with the JSON that was sent and the connection's group; then
+/// `kohaku import` of the same logs stores nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_reach_postgres_with_their_group_and_a_later_import_adds_nothing() {
+    let url = testkit::fresh_database("webhook").await;
+    let mut config = test_config();
+    config.sinks = Some(SinksConfig {
+        sqlite: None,
+        timescaledb: Some(timescaledb_config(&url)),
+        ..SinksConfig::default()
+    });
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H1::connect(app.ingest_addr()).await;
+    let files = [
+        "chromium/rtc_stats.chromium-av.jsonl",
+        "sora-logs/rtc_stats.sample.jsonl",
+    ];
+    let mut sent: HashMap<(String, String, u64), Value> = HashMap::new();
+    let mut groups: HashMap<String, Option<String>> = HashMap::new();
+    for file in files {
+        for report in fixture_webhooks(file) {
+            let answer = client.post_webhook(WEBHOOK_PATH, report.body.clone()).await;
+            assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+            groups.insert(report.connection_id.clone(), report.group_id.clone());
+            for object in &report.objects {
+                sent.insert(
+                    (
+                        report.connection_id.clone(),
+                        object.rtc_id.clone(),
+                        object.rtc_timestamp.to_bits(),
+                    ),
+                    serde_json::from_str(&object.text).unwrap(),
+                );
+            }
+        }
+    }
+    let distinct = sent.len() as i64;
+    assert_eq!(wait_for_postgres_rows(&url, distinct, WAIT).await, distinct);
+    for row in testkit::stored_rows(&url).await {
+        let key = row.key();
+        let json = sent
+            .get(&key)
+            .unwrap_or_else(|| panic!("unexpected row {key:?}"));
+        let stored: Value = serde_json::from_str(&row.rtc_data).unwrap();
+        assert_eq!(&stored, json, "jsonb of {key:?} differs from what was sent");
+    }
+    let stored_groups = testkit::query_json(
+        &url,
+        "SELECT connection_id, group_id FROM sora_connection ORDER BY connection_id",
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored_groups.len(), groups.len());
+    for connection in stored_groups {
+        let id = connection["connection_id"].as_str().unwrap();
+        assert_eq!(
+            connection["group_id"].as_str(),
+            groups[id].as_deref(),
+            "group_id of {id}"
+        );
+    }
+    assert!(
+        groups.values().any(Option::is_some),
+        "Sora's log has groups"
+    );
+    app.shutdown().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("kohaku.toml"),
+        format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"),
+    )
+    .unwrap();
+    let output = kohaku_command()
+        .current_dir(dir.path())
+        .args(["import", "--config", "kohaku.toml"])
+        .args(files.map(fixture_path))
+        .output()
+        .expect("kohaku import runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_contains(&stdout, "sink timescaledb: written 0,");
+    assert_eq!(
+        testkit::count(&url, "SELECT count(*) FROM rtc_stats").await,
+        distinct
+    );
+}

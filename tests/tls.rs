@@ -50,6 +50,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn client_config(server_ca: &Ca, identity: Option<(&str, &KeyPair)>) -> Arc<rustls::ClientConfig> {
+    client_config_offering(server_ca, identity, &[b"h2"])
+}
+
+/// A client offering the ALPN protocols `alpn` (none: as many HTTP/1.1 clients connect).
+fn client_config_offering(
+    server_ca: &Ca,
+    identity: Option<(&str, &KeyPair)>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(server_ca.der()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(provider())
@@ -66,7 +75,7 @@ fn client_config(server_ca: &Ca, identity: Option<(&str, &KeyPair)>) -> Arc<rust
             builder.with_client_auth_cert(chain, key).unwrap()
         }
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Arc::new(config)
 }
 
@@ -117,6 +126,58 @@ async fn h2_over_tls_stores_reports() {
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .unwrap();
         assert!(sender.send_request(request).await.is_err());
+    }
+    app.shutdown().await;
+}
+
+/// Sora's stats webhook is HTTP/1.1: over TLS it must work whether the client offers ALPN
+/// `http/1.1` or no ALPN at all, with and without a client certificate (mTLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_over_http1_tls_and_mtls_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("kohaku test server CA");
+    let client_ca = Ca::new("sora client CA");
+    std::fs::write(dir.path().join("clients.pem"), client_ca.pem()).unwrap();
+    let config = tls_config(
+        dir.path(),
+        &server_ca,
+        Some(&dir.path().join("clients.pem")),
+    );
+    let (sink, db) = sqlite_sink(dir.path()).await;
+    let app = start(&config, vec![sink]).await;
+    let (client_pem, client_key) = client_ca.issue("sora");
+
+    let mut objects = 0;
+    for (seed, alpn) in [(1u64, &[b"http/1.1".as_slice()][..]), (2, &[][..])] {
+        let tls = client_config_offering(&server_ca, Some((&client_pem, &client_key)), alpn);
+        let client = H1::connect_tls(app.ingest_addr(), tls)
+            .await
+            .expect("HTTP/1.1 over TLS");
+        for report in 0..3 {
+            let body = small_webhook(seed * 10 + report, 4).to_string();
+            let answer = client.post_webhook(WEBHOOK_PATH, body).await;
+            assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+            objects += 4;
+        }
+    }
+    assert_eq!(
+        wait_for_sqlite_rows(&db, objects, Duration::from_secs(10)).await,
+        objects
+    );
+    // Without a client certificate the handshake is refused, whatever the protocol.
+    let anonymous = client_config_offering(&server_ca, None, &[b"http/1.1"]);
+    match H1::connect_tls(app.ingest_addr(), anonymous).await {
+        Err(_) => {}
+        Ok(client) => {
+            let request = client
+                .request(http::Method::GET, "/.ok")
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            assert!(
+                client.send(request).await.is_err(),
+                "served without a certificate"
+            );
+        }
     }
     app.shutdown().await;
 }
