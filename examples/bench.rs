@@ -96,6 +96,23 @@ fn generate(count: usize) -> Vec<Generated> {
         .collect()
 }
 
+/// The stats webhook Sora 2025.2 and later would send for the same stats as an exporter `body`.
+fn webhook_body(body: &[u8]) -> Result<Vec<u8>, AnyError> {
+    let text = std::str::from_utf8(body)?;
+    let exporter_type = format!(r#""type":"{CONNECTION_USER_AGENT}""#);
+    if !text.contains(&exporter_type) {
+        return Err("generated body without its exporter type".into());
+    }
+    Ok(text
+        .replacen(
+            &exporter_type,
+            r#""type":"connection.rtc","id":"NKSZER34ZN5J77HTVNQP1FWJ1W","group_id":"BENCHGROUP""#,
+            1,
+        )
+        .replacen(r#""multistream":true,"#, "", 1)
+        .into_bytes())
+}
+
 // ---------------------------------------------------------------------------------------------
 // HTTP/2 load.
 
@@ -356,8 +373,8 @@ async fn end_to_end(served: &Served, reports: &[Generated], sink: &str) -> Resul
 // ---------------------------------------------------------------------------------------------
 // Baselines.
 
-/// A minimal hyper h2c server: reads the whole body, answers 204.
-async fn bare_server() -> Result<SocketAddr, AnyError> {
+/// A minimal hyper server, h2c or HTTP/1.1 as `sender` speaks: reads the whole body, answers 204.
+async fn bare_server(sender: Sender) -> Result<SocketAddr, AnyError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -375,10 +392,21 @@ async fn bare_server() -> Result<SocketAddr, AnyError> {
                         )
                     },
                 );
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = match sender {
+                    Sender::ExporterH2 => {
+                        hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(io, service)
+                        .await
+                    }
+                    Sender::WebhookH1 => {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await
+                    }
+                };
             });
         }
     });
@@ -414,32 +442,46 @@ struct H2load {
     failed: u64,
 }
 
+/// How h2load plays Sora.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    /// The stats exporter: HTTP/2, 16 connections with 10 streams each, `POST /collector`.
+    ExporterH2,
+    /// The stats webhook: HTTP/1.1 keep-alive, one request at a time on each of 5 connections
+    /// (Sora's default `stats_webhook_worker_number`), `POST /sora/webhook/stats`.
+    WebhookH1,
+}
+
 fn h2load(
     settings: &Settings,
     addr: SocketAddr,
     body: &[u8],
     name: &str,
+    sender: Sender,
 ) -> Result<H2load, AnyError> {
     let body_file = settings.work.path().join(format!("{name}.json"));
     let log_file = settings.work.path().join(format!("{name}.log"));
     std::fs::write(&body_file, body)?;
-    let output = Command::new("h2load")
-        .args([
-            "-n",
-            &settings.h2load_requests.to_string(),
-            "-c",
-            "16",
-            "-m",
-            "10",
-            "-t",
-            "1",
-        ])
+    let mut command = Command::new("h2load");
+    command.args(["-n", &settings.h2load_requests.to_string(), "-t", "1"]);
+    match sender {
+        Sender::ExporterH2 => command
+            .args(["-c", "16", "-m", "10"])
+            .args(["-H", "x-sora-stats-exporter-type: connection.user-agent"]),
+        Sender::WebhookH1 => command
+            .args(["--h1", "-c", "5", "-m", "1"])
+            .args(["-H", "sora-stats-webhook-type: connection.rtc"]),
+    };
+    let path = match sender {
+        Sender::ExporterH2 => "/collector",
+        Sender::WebhookH1 => "/sora/webhook/stats",
+    };
+    let output = command
         .arg("-d")
         .arg(&body_file)
-        .args(["-H", "x-sora-stats-exporter-type: connection.user-agent"])
         .args(["-H", "content-type: application/json"])
         .arg(format!("--log-file={}", log_file.display()))
-        .arg(format!("http://{addr}/collector"))
+        .arg(format!("http://{addr}{path}"))
         .output()?;
     let text = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
@@ -680,15 +722,43 @@ async fn main() -> Result<(), AnyError> {
     let mut lines = Vec::new();
 
     // 1. Ingest without a store, against a bare HTTP/2 server, same body, same h2load.
-    eprintln!("bench: 1/5 HTTP/2 ingest (h2load)");
-    let bare = bare_server().await?;
-    let bare = h2load(&settings, bare, &generated[0].body, "bare")?;
+    eprintln!("bench: 1/5 HTTP/2 exporter and HTTP/1.1 webhook ingest (h2load)");
+    let bare = bare_server(Sender::ExporterH2).await?;
+    let bare = h2load(
+        &settings,
+        bare,
+        &generated[0].body,
+        "bare",
+        Sender::ExporterH2,
+    )?;
+    let bare_h1 = bare_server(Sender::WebhookH1).await?;
+    let webhook_body = webhook_body(&generated[0].body)?;
+    let bare_h1 = h2load(
+        &settings,
+        bare_h1,
+        &webhook_body,
+        "bare-h1",
+        Sender::WebhookH1,
+    )?;
     let mut config = kohaku::config::Config::default();
     config.server.listen_addr = [127, 0, 0, 1].into();
     config.server.listen_port = 0;
     config.exporter.listen_port = 0;
     let app = kohaku::app::App::start(&config, vec![Arc::new(DiscardSink)]).await?;
-    let discard = h2load(&settings, app.ingest_addr(), &generated[0].body, "discard")?;
+    let discard = h2load(
+        &settings,
+        app.ingest_addr(),
+        &generated[0].body,
+        "discard",
+        Sender::ExporterH2,
+    )?;
+    let webhook = h2load(
+        &settings,
+        app.ingest_addr(),
+        &webhook_body,
+        "webhook",
+        Sender::WebhookH1,
+    )?;
     app.shutdown().await;
     if discard.failed > 0 || bare.failed > 0 {
         eprintln!(
@@ -717,6 +787,26 @@ async fn main() -> Result<(), AnyError> {
         what: "  same, latency p50 / p99".into(),
         value: format!("{:.2} / {:.2} ms", discard.p50_ms, discard.p99_ms),
         baseline: format!("{:.2} / {:.2} ms", bare.p50_ms, bare.p99_ms),
+        ratio: None,
+        target: "",
+    });
+    if webhook.failed > 0 || bare_h1.failed > 0 {
+        eprintln!(
+            "bench: h2load --h1 failures: kohaku {}, bare {}",
+            webhook.failed, bare_h1.failed
+        );
+    }
+    lines.push(ratio_line(
+        "HTTP/1.1 webhook ingest, 5 keep-alive connections, discarding sink (req/s)",
+        webhook.requests_per_sec,
+        bare_h1.requests_per_sec,
+        "req/s",
+        0.5,
+    ));
+    lines.push(Line {
+        what: "  same, latency p50 / p99".into(),
+        value: format!("{:.2} / {:.2} ms", webhook.p50_ms, webhook.p99_ms),
+        baseline: format!("{:.2} / {:.2} ms", bare_h1.p50_ms, bare_h1.p99_ms),
         ratio: None,
         target: "",
     });
