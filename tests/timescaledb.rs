@@ -14,6 +14,17 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The test config with one sink: PostgreSQL at `url`.
+fn postgres_only(url: &str) -> kohaku::config::Config {
+    let mut config = test_config();
+    config.sinks = Some(SinksConfig {
+        sqlite: None,
+        timescaledb: Some(timescaledb_config(url)),
+        ..SinksConfig::default()
+    });
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_reach_postgres_and_sqlite_with_equal_json() {
     let url = testkit::fresh_database("e2e").await;
@@ -105,12 +116,7 @@ async fn reports_reach_postgres_and_sqlite_with_equal_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_reports_twice_are_stored_once() {
     let url = testkit::fresh_database("dedupe").await;
-    let mut config = test_config();
-    config.sinks = Some(SinksConfig {
-        sqlite: None,
-        timescaledb: Some(timescaledb_config(&url)),
-        ..SinksConfig::default()
-    });
+    let config = postgres_only(&url);
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;
     let reports: Vec<String> = (0..10)
@@ -146,12 +152,7 @@ async fn the_same_reports_twice_are_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_reach_postgres_with_their_group_and_a_later_import_adds_nothing() {
     let url = testkit::fresh_database("webhook").await;
-    let mut config = test_config();
-    config.sinks = Some(SinksConfig {
-        sqlite: None,
-        timescaledb: Some(timescaledb_config(&url)),
-        ..SinksConfig::default()
-    });
+    let config = postgres_only(&url);
     let app = start(&config, build_sinks(&config).await).await;
     let client = H1::connect(app.ingest_addr()).await;
     let files = [
@@ -209,22 +210,10 @@ async fn webhooks_reach_postgres_with_their_group_and_a_later_import_adds_nothin
     app.shutdown().await;
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("kohaku.toml"),
-        format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"),
-    )
-    .unwrap();
-    let output = kohaku_command()
-        .current_dir(dir.path())
-        .args(["import", "--config", "kohaku.toml"])
-        .args(files.map(fixture_path))
-        .output()
-        .expect("kohaku import runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = import_files(
+        dir.path(),
+        &format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"),
+        &files.map(fixture_path),
     );
     assert_contains(&stdout, "sink timescaledb: written 0,");
     assert_eq!(

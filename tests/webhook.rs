@@ -150,23 +150,10 @@ async fn webhooks_over_http1_and_http2_store_what_sora_sent_and_a_later_import_a
     app.shutdown().await;
 
     // The same stats later imported from Sora's rtc_stats.jsonl: every object is already stored.
-    std::fs::write(
-        dir.path().join("kohaku.toml"),
-        format!("[sinks.sqlite]\npath = {:?}\n", db.display().to_string()),
-    )
-    .unwrap();
-    let output = kohaku_command()
-        .current_dir(dir.path())
-        .args(["import", "--config", "kohaku.toml"])
-        .arg(fixture_path(SORA_LOG))
-        .arg(fixture_path(CHROMIUM_LOG))
-        .output()
-        .expect("kohaku import runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = import_files(
+        dir.path(),
+        &format!("[sinks.sqlite]\npath = {:?}\n", db.display().to_string()),
+        &[fixture_path(SORA_LOG), fixture_path(CHROMIUM_LOG)],
     );
     assert_contains(&stdout, "sink sqlite: written 0,");
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), total);

@@ -334,16 +334,7 @@ impl H2 {
         addr: SocketAddr,
         config: Arc<rustls::ClientConfig>,
     ) -> Result<Self, String> {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name =
-            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
+        let tls = tls_connect(addr, config).await?;
         let (_, session) = tls.get_ref();
         if session.alpn_protocol() != Some(b"h2") {
             return Err(format!(
@@ -419,6 +410,21 @@ impl H2 {
     }
 }
 
+/// A TLS connection to Kohaku's test certificate (`localhost`) with `config`.
+async fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// A real HTTP/1.1 client on one keep-alive connection, as each of Sora's webhook workers is.
 pub struct H1 {
     sender: tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
@@ -440,17 +446,7 @@ impl H1 {
         addr: SocketAddr,
         config: Arc<rustls::ClientConfig>,
     ) -> Result<Self, String> {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name =
-            rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|e| e.to_string())?;
-        Self::handshake(tls, addr).await
+        Self::handshake(tls_connect(addr, config).await?, addr).await
     }
 
     async fn handshake<I>(io: I, addr: SocketAddr) -> Result<Self, String>
@@ -681,6 +677,25 @@ pub struct Served {
     pub ingest: std::net::SocketAddr,
     pub exporter: std::net::SocketAddr,
     pub stdout_lines: std::sync::mpsc::Receiver<String>,
+}
+
+/// Runs `kohaku import` of `files` in `dir` with `config` as its `kohaku.toml`; its stdout, once it
+/// has succeeded.
+pub fn import_files(dir: &Path, config: &str, files: &[PathBuf]) -> String {
+    std::fs::write(dir.join("kohaku.toml"), config).unwrap();
+    let output = kohaku_command()
+        .current_dir(dir)
+        .args(["import", "--config", "kohaku.toml"])
+        .args(files)
+        .output()
+        .expect("kohaku import runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// Starts `kohaku serve` in `dir` with `config` as `k.toml`, once it logs its addresses.
