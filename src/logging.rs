@@ -196,3 +196,67 @@ mod tests {
         assert!(dir.path().join("other.log.1").exists());
     }
 }
+
+/// Lets through at most `per_second` events of one kind each second and counts the rest, so that a
+/// flood of bad requests or failed handshakes cannot flood the log (or fill its disk). The first
+/// event after a suppressed stretch says how many were left out.
+pub struct RateLimit {
+    per_second: u32,
+    window: std::sync::Mutex<RateWindow>,
+}
+
+struct RateWindow {
+    /// `None` before the first event.
+    started: Option<std::time::Instant>,
+    passed: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub const fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: std::sync::Mutex::new(RateWindow {
+                started: None,
+                passed: 0,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(n)` when this event may be logged, `n` being how many were suppressed since the last
+    /// one that was; `None` when it must be dropped.
+    pub fn admit(&self) -> Option<u64> {
+        let mut window = crate::sync::lock(&self.window);
+        let now = std::time::Instant::now();
+        if window
+            .started
+            .is_none_or(|started| now.duration_since(started) >= Duration::from_secs(1))
+        {
+            window.started = Some(now);
+            window.passed = 0;
+        }
+        if window.passed >= self.per_second {
+            window.suppressed += 1;
+            return None;
+        }
+        window.passed += 1;
+        Some(std::mem::take(&mut window.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_tests {
+    use super::RateLimit;
+
+    #[test]
+    fn a_burst_is_cut_to_the_rate_and_the_next_admitted_event_counts_what_was_dropped() {
+        let limit = RateLimit::new(3);
+        let admitted: Vec<Option<u64>> = (0..10).map(|_| limit.admit()).collect();
+        assert_eq!(&admitted[..3], &[Some(0), Some(0), Some(0)]);
+        assert!(admitted[3..].iter().all(Option::is_none));
+        std::thread::sleep(std::time::Duration::from_millis(1_050));
+        assert_eq!(limit.admit(), Some(7));
+        assert_eq!(limit.admit(), Some(0));
+    }
+}

@@ -47,6 +47,12 @@ impl Protocol {
 }
 
 const SORA_ID_LEN: usize = 26;
+/// Years a report's send time may fall in: what PostgreSQL's `timestamptz`, SQLite's text times
+/// and Timestream all hold. A time outside would be acknowledged and then fail its batch.
+const SORA_YEARS: std::ops::RangeInclusive<i32> = 1970..=9999;
+/// Largest stats-object `timestamp` (ms since the epoch) every store keeps: PostgreSQL's
+/// `to_timestamp` ends in the year 294276. Some SDKs send microseconds (≈ 1.7e15), which fit.
+const MAX_OBJECT_TIMESTAMP_MS: f64 = 9.0e15;
 const MAX_NAME_BYTES: usize = 255;
 const ROLES: [&str; 3] = ["sendrecv", "sendonly", "recvonly"];
 
@@ -58,13 +64,30 @@ pub struct InvalidReport {
     pub field: String,
 }
 
+/// Longest error message answered and logged: messages quote what the client sent, which must not
+/// come back (or reach the log) unbounded.
+const MAX_ERROR_BYTES: usize = 512;
+
 impl InvalidReport {
     fn new(field: impl Into<String>, error: impl Into<String>) -> Self {
         Self {
-            error: error.into(),
-            field: field.into(),
+            error: bounded(error.into(), MAX_ERROR_BYTES),
+            field: bounded(field.into(), MAX_ERROR_BYTES),
         }
     }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 impl std::fmt::Display for InvalidReport {
@@ -482,7 +505,34 @@ impl ConnectionFields<'_> {
                     format!("`{timestamp}` is not an RFC 3339 time such as 2025-07-25T06:06:51.592776Z: {err}"),
                 )
             })?
-            .to_offset(time::UtcOffset::UTC);
+            .checked_to_offset(time::UtcOffset::UTC)
+            .filter(|at| SORA_YEARS.contains(&at.year()))
+            .ok_or_else(|| {
+                InvalidReport::new(
+                    "timestamp",
+                    format!(
+                        "`{timestamp}` is outside the years {} to {} (UTC) that every store keeps",
+                        SORA_YEARS.start(),
+                        SORA_YEARS.end()
+                    ),
+                )
+            })?;
+        for (field, value) in [
+            ("channel_id", self.channel_id.as_deref()),
+            ("client_id", self.client_id.as_deref()),
+            ("bundle_id", self.bundle_id.as_deref()),
+            ("group_id", self.group_id.as_deref()),
+            ("label", self.label.as_deref()),
+            ("version", self.version.as_deref()),
+            ("node_name", self.node_name.as_deref()),
+        ] {
+            if value.is_some_and(|value| value.contains('\0')) {
+                return Err(InvalidReport::new(
+                    field,
+                    "contains a NUL character, which PostgreSQL text cannot store",
+                ));
+            }
+        }
 
         let role = required(self.role, "role")?;
         if !ROLES.contains(&role.as_ref()) {
@@ -694,12 +744,63 @@ fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidRepo
             "missing `timestamp` (milliseconds since the epoch)",
         )
     })?;
+    if !(0.0..=MAX_OBJECT_TIMESTAMP_MS).contains(&rtc_timestamp) {
+        return Err(InvalidReport::new(
+            field(".timestamp"),
+            format!(
+                "{rtc_timestamp} is not a time every store keeps: milliseconds since the epoch, 0 to {MAX_OBJECT_TIMESTAMP_MS:e}"
+            ),
+        ));
+    }
+    if let Some(what) = unstorable_escape(raw.get()) {
+        return Err(InvalidReport::new(
+            field(""),
+            format!("contains {what}, which PostgreSQL's jsonb cannot store"),
+        ));
+    }
     Ok(StatsObject {
         rtc_id: rtc_id.into_owned(),
         rtc_type: rtc_type.into_owned(),
         rtc_timestamp,
         rtc_data: raw.to_owned(),
     })
+}
+
+/// The first escape in `text` (JSON that serde_json accepted) that names a character PostgreSQL's
+/// `jsonb` refuses: `\u0000`, or half of a surrogate pair. Walks from backslash to backslash, so
+/// an escaped backslash followed by `u0000` is not taken for an escape.
+fn unstorable_escape(text: &str) -> Option<&'static str> {
+    const LONE: &str = "a lone UTF-16 surrogate escape";
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    // Where a low surrogate must follow a high one.
+    let mut low_expected_at: Option<usize> = None;
+    while let Some(found) = memchr::memchr(b'\\', &bytes[at..]) {
+        let escape = at + found;
+        if low_expected_at.is_some_and(|expected| expected != escape) {
+            return Some(LONE);
+        }
+        if bytes.get(escape + 1) != Some(&b'u') {
+            if low_expected_at.is_some() {
+                return Some(LONE);
+            }
+            at = escape + 2;
+            continue;
+        }
+        let code = bytes
+            .get(escape + 2..escape + 6)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())?;
+        match (low_expected_at.take(), code) {
+            (Some(_), 0xDC00..=0xDFFF) => {}
+            (Some(_), _) | (None, 0xDC00..=0xDFFF) => return Some(LONE),
+            (None, 0) => return Some("the escape \\u0000 (NUL)"),
+            (None, 0xD800..=0xDBFF) => low_expected_at = Some(escape + 6),
+            (None, _) => {}
+        }
+        at = escape + 6;
+    }
+    low_expected_at.map(|_| LONE)
 }
 
 fn required<T>(value: Option<T>, field: &str) -> Result<T, InvalidReport> {
@@ -722,7 +823,7 @@ fn name(value: Option<Cow<'_, str>>, field: &str) -> Result<String, InvalidRepor
 
 fn sora_id(value: Option<Cow<'_, str>>, field: &str) -> Result<String, InvalidReport> {
     let value = required(value, field)?;
-    if value.chars().count() != SORA_ID_LEN {
+    if value.len() != SORA_ID_LEN || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(InvalidReport::new(
             field,
             format!(
@@ -1044,6 +1145,92 @@ mod tests {
         }
     }
 
+    #[test]
+    fn values_no_store_can_keep_are_refused_naming_the_field_not_acknowledged() {
+        for (field, bad) in [
+            // Parses, but is out of range once converted to UTC: used to panic.
+            ("timestamp", json!("9999-12-31T23:59:59-01:00")),
+            ("timestamp", json!("0000-01-01T00:00:00Z")),
+            ("timestamp", json!("1969-12-31T23:59:59Z")),
+            ("channel_id", json!("a\0b")),
+            ("client_id", json!("\0")),
+            ("group_id", json!("g\0")),
+            ("node_name", json!("sora\0")),
+            ("connection_id", json!("🎥".repeat(26))),
+            ("session_id", json!(format!("{}\0", "A".repeat(25)))),
+        ] {
+            let mut value = body();
+            value[field] = bad.clone();
+            assert_eq!(field_of(&value), field, "{field} = {bad}");
+        }
+        let edge = |timestamp: &str| {
+            let mut value = body();
+            value["timestamp"] = json!(timestamp);
+            parse(&value)
+        };
+        assert!(edge("9999-12-31T23:59:59.999999Z").is_ok());
+        assert!(edge("1970-01-01T00:00:00Z").is_ok());
+        assert!(edge("1970-01-01T08:59:59+09:00").is_err());
+
+        for (object, field) in [
+            (
+                json!({"id": "C", "type": "codec", "timestamp": 1e300}),
+                "stats[1].timestamp",
+            ),
+            (
+                json!({"id": "C", "type": "codec", "timestamp": -1.0}),
+                "stats[1].timestamp",
+            ),
+        ] {
+            let mut value = body();
+            value["stats"][1] = object.clone();
+            assert_eq!(field_of(&value), field, "{object}");
+        }
+        // Microsecond timestamps of some SDKs fit every store.
+        let mut value = body();
+        value["stats"][1]["timestamp"] = json!(1_753_423_611_556_525.0);
+        assert!(parse(&value).is_ok());
+    }
+
+    #[test]
+    fn escapes_jsonb_refuses_are_found_and_others_pass() {
+        for (inner, refused) in [
+            (r"a\u0000b", true),
+            (r"\ud83c", true),
+            (r"\ud83cx", true),
+            (r"\ud83c\n", true),
+            (r"\udfa5", true),
+            (r"\ud83c\u0041", true),
+            (r"\ud83c\udfa5", false),
+            (r"\\u0000", false),
+            (r"\\\ud83c\udfa5\\", false),
+            (r"\u00e9\n\t\u0001", false),
+            ("plain", false),
+        ] {
+            let text = format!(r#"{{"id":"C","type":"codec","timestamp":1,"x":"{inner}"}}"#);
+            assert_eq!(unstorable_escape(&text).is_some(), refused, "{inner}");
+            let body_text =
+                body()
+                    .to_string()
+                    .replacen(r#""stats":["#, &format!(r#""stats":[{text},"#), 1);
+            match parse_report(body_text.as_bytes(), OffsetDateTime::now_utc()) {
+                Err(err) if refused => assert_eq!(err.field, "stats[0]", "{inner}"),
+                Ok(_) if !refused => {}
+                other => panic!("{inner}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn what_the_client_sent_is_quoted_back_bounded() {
+        let mut value = body();
+        value["role"] = json!("x".repeat(1_000_000));
+        let err = parse(&value).unwrap_err();
+        assert_eq!(err.field, "role");
+        assert!(err.error.len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+        assert_eq!(bounded("ééé".into(), 3), "é…");
+    }
+
     /// The webhook Sora sent for the first request of its log: the lines' envelope, with their
     /// objects as a `stats` list.
     fn webhook_body() -> Value {
@@ -1202,17 +1389,17 @@ mod tests {
                     .prop_filter("JSON has no NaN or infinities", |f| f.is_finite())
                     .prop_map(Value::from),
                 any::<bool>().prop_map(Value::from),
-                ".{0,12}".prop_map(Value::from),
+                "[^\\x00]{0,12}".prop_map(Value::from),
             ]
         }
 
         proptest! {
-            /// Any well-formed stats object survives parsing with its id, type and time read
+            /// Any well-formed stats object every store keeps (no NUL) survives parsing with its id, type and time read
             /// and its text kept byte for byte.
             #[test]
             fn valid_objects_round_trip(
                 objects in proptest::collection::vec(
-                    (".{1,20}", "[a-z-]{1,16}", 0f64..4e12,
+                    ("[^\\x00]{1,20}", "[a-z-]{1,16}", 0f64..4e12,
                      proptest::collection::btree_map("[a-zA-Z]{1,10}", scalar(), 0..6)),
                     0..6)
             ) {

@@ -235,7 +235,12 @@ fn bad_lines_are_reported_with_their_line_numbers_and_the_rest_is_stored() {
     damaged.push_str(&lines[4..20].concat()); // lines 6-21
     damaged.push_str("{\"type\":\"connection.rtc\",\"channel_id\":\"sora\"}\n"); // line 22
     damaged.push_str(&lines[20..40].concat()); // lines 23-42
-    let cut = &lines[40][..lines[40].len() / 2]; // line 43, cut off mid-write
+                                               // Line 43: an envelope time that parses but is out of range in UTC (it used to panic and
+                                               // abort the whole import, summary and stored lines with it).
+    let mut out_of_range: serde_json::Value = serde_json::from_str(&lines[40]).unwrap();
+    out_of_range["timestamp"] = "9999-12-31T23:59:59-01:00".into();
+    damaged.push_str(&format!("{out_of_range}\n"));
+    let cut = &lines[41][..lines[41].len() / 2]; // line 44, cut off mid-write
     damaged.push_str(cut);
     std::fs::write(setup.path("damaged.jsonl"), &damaged).unwrap();
 
@@ -253,9 +258,13 @@ fn bad_lines_are_reported_with_their_line_numbers_and_the_rest_is_stored() {
     );
     assert_contains(
         &errors,
-        "damaged.jsonl:43: truncated last line (no newline at the end)",
+        "damaged.jsonl:43: timestamp: `9999-12-31T23:59:59-01:00` is outside",
     );
-    assert_contains(&stdout(&output), "bad lines      3");
+    assert_contains(
+        &errors,
+        "damaged.jsonl:44: truncated last line (no newline at the end)",
+    );
+    assert_contains(&stdout(&output), "bad lines      4");
     // Every good line is stored.
     assert_eq!(
         sqlite_count(&setup.db(), "SELECT count(*) FROM rtc_stats"),

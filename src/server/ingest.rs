@@ -25,6 +25,10 @@ use crate::spool::AppendError;
 
 pub const COLLECTOR_PATH: &str = "/collector";
 pub const HEALTH_PATH: &str = "/.ok";
+/// The longest error message answered: it may quote what the client sent (a header's value).
+const MAX_ERROR_BYTES: usize = 512;
+/// The longest webhook type quoted back in an "ignored" answer and its log line.
+const MAX_ECHOED_TYPE_BYTES: usize = 128;
 /// Seconds Sora is asked to wait after a 503.
 const RETRY_AFTER_SECS: &str = "1";
 
@@ -260,6 +264,7 @@ impl IngestRouter {
     /// A webhook of a type Kohaku does not store: 200, so that Sora does not log a failed send
     /// for every one, counted, and logged once per type.
     fn ignored(&self, kind: &str) -> HttpResponse {
+        let kind = &crate::sora::bounded(kind.to_owned(), MAX_ECHOED_TYPE_BYTES);
         if self.metrics.count_ignored(kind) {
             tracing::info!(
                 protocol = Protocol::Webhook.as_str(),
@@ -318,13 +323,20 @@ pub async fn health_response(health: &SinkHealth) -> HttpResponse {
     response::json(status, &answer)
 }
 
+/// Refused requests logged per second at most; the rest are counted in the next line logged.
+static REFUSALS_LOGGED: crate::logging::RateLimit = crate::logging::RateLimit::new(20);
+
 fn refuse(status: StatusCode, field: &str, message: &str) -> HttpResponse {
-    tracing::info!(
-        status = status.as_u16(),
-        field,
-        error = message,
-        "request refused"
-    );
+    let message = &crate::sora::bounded(message.to_owned(), MAX_ERROR_BYTES);
+    if let Some(suppressed) = REFUSALS_LOGGED.admit() {
+        tracing::info!(
+            status = status.as_u16(),
+            field,
+            error = message,
+            suppressed_since_last = suppressed,
+            "request refused"
+        );
+    }
     response::error(status, field, message)
 }
 

@@ -29,6 +29,9 @@ use tokio_rustls::TlsAcceptor;
 
 /// A TLS handshake must finish within this time, so half-open connections cannot pile up.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed TLS handshakes logged per second at most (a scanner or a misconfigured client can fail
+/// thousands); the rest are counted in the next line logged.
+static HANDSHAKE_FAILURES_LOGGED: crate::logging::RateLimit = crate::logging::RateLimit::new(10);
 /// Upper bound for request headers, on both protocols.
 const MAX_HEADER_BYTES: u32 = 64 * 1024;
 
@@ -175,10 +178,14 @@ async fn serve_tcp(
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => serve_connection(tls_stream, peer, &context, shutdown).await,
                 Ok(Err(err)) => {
-                    tracing::info!(listener = context.name, %peer, error = %err, "TLS handshake refused");
+                    if let Some(suppressed) = HANDSHAKE_FAILURES_LOGGED.admit() {
+                        tracing::info!(listener = context.name, %peer, error = %err, suppressed_since_last = suppressed, "TLS handshake refused");
+                    }
                 }
                 Err(_) => {
-                    tracing::info!(listener = context.name, %peer, "TLS handshake timed out");
+                    if let Some(suppressed) = HANDSHAKE_FAILURES_LOGGED.admit() {
+                        tracing::info!(listener = context.name, %peer, suppressed_since_last = suppressed, "TLS handshake timed out");
+                    }
                 }
             }
         }
