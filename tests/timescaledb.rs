@@ -221,3 +221,99 @@ async fn webhooks_reach_postgres_with_their_group_and_a_later_import_adds_nothin
         distinct
     );
 }
+
+/// An operator's mistake fixed within minutes costs nothing: with INSERT revoked from Kohaku's
+/// role, writes fail with SQLSTATE 42501, are retried rather than dropped, and `/health` names the
+/// problem; once INSERT is granted again every acknowledged object is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_privilege_is_retried_until_granted_and_loses_nothing() {
+    let (admin, url) = testkit::fresh_database_owned_by("revoke", "kohaku_revoke").await;
+    let mut config = postgres_only(&url);
+    config.pipeline.retry_max_backoff_ms = 200;
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let exporter = H2::connect(app.exporter_addr()).await;
+    let objects_per_report = 5;
+    let mut acknowledged = 0i64;
+    let mut send = |range: std::ops::Range<u64>| {
+        let client = client.clone();
+        async move {
+            let mut accepted = 0i64;
+            for seed in range {
+                let answer = client
+                    .post_report(small_report(seed, objects_per_report).to_string())
+                    .await;
+                assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+                accepted += objects_per_report as i64;
+            }
+            accepted
+        }
+    };
+    acknowledged += send(0..10).await;
+    assert_eq!(
+        wait_for_postgres_rows(&url, acknowledged, WAIT).await,
+        acknowledged
+    );
+
+    testkit::execute(&admin, "REVOKE INSERT ON rtc_stats FROM kohaku_revoke")
+        .await
+        .unwrap();
+    acknowledged += send(10..40).await;
+    let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE, WAIT).await;
+    assert_eq!(health["failing"], serde_json::json!(["timescaledb"]));
+    assert_contains(&health.to_string(), "may not write rtc_stats");
+    assert!(
+        wait_for_metric(
+            &exporter,
+            "kohaku_sink_retries_total{sink=\"timescaledb\"}",
+            2.0,
+            WAIT
+        )
+        .await
+            >= 2.0
+    );
+    let dropped = metric(
+        &exporter.get("/metrics").await.text(),
+        "kohaku_sink_rows_dropped_total{sink=\"timescaledb\"}",
+    );
+    assert_eq!(
+        dropped,
+        Some(0.0),
+        "nothing given up while the privilege is missing"
+    );
+
+    testkit::execute(&admin, "GRANT INSERT ON rtc_stats TO kohaku_revoke")
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for_postgres_rows(&url, acknowledged, WAIT).await,
+        acknowledged
+    );
+    wait_for_health(&exporter, StatusCode::OK, WAIT).await;
+    assert_eq!(
+        testkit::count(&url, "SELECT count(*) FROM (SELECT DISTINCT connection_id, rtc_id, rtc_timestamp FROM rtc_stats) d").await,
+        acknowledged,
+        "each acknowledged object once"
+    );
+    assert_eq!(app.shutdown().await.dropped_rows, 0);
+}
+
+/// With the privilege missing and no write going on, `/health` still says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_red_while_the_role_may_not_write() {
+    let (admin, url) = testkit::fresh_database_owned_by("revoke_idle", "kohaku_revoke_idle").await;
+    let config = postgres_only(&url);
+    let app = start(&config, build_sinks(&config).await).await;
+    let exporter = H2::connect(app.exporter_addr()).await;
+    wait_for_health(&exporter, StatusCode::OK, WAIT).await;
+    testkit::execute(&admin, "REVOKE INSERT ON rtc_stats FROM kohaku_revoke_idle")
+        .await
+        .unwrap();
+    let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE, WAIT).await;
+    assert_contains(&health.to_string(), "may not write rtc_stats");
+    testkit::execute(&admin, "GRANT INSERT ON rtc_stats TO kohaku_revoke_idle")
+        .await
+        .unwrap();
+    wait_for_health(&exporter, StatusCode::OK, WAIT).await;
+    app.shutdown().await;
+}

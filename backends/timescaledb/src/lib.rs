@@ -37,6 +37,11 @@ const COPY_CHUNK_BYTES: usize = 1 << 20;
 /// Connections upserted per statement: 15 parameters each, below PostgreSQL's 65535 limit.
 const CONNECTIONS_PER_UPSERT: usize = 4_000;
 
+/// True when Kohaku's role can write what `write` writes, on a server that accepts writes.
+const WRITABLE_QUERY: &str = "SELECT has_table_privilege('rtc_stats', 'INSERT') \
+     AND has_table_privilege('sora_connection', 'INSERT, UPDATE') \
+     AND current_setting('transaction_read_only') = 'off'";
+
 const CREATE_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS kohaku_rtc_stats_stage (\
      channel_id text, session_id text, client_id text, connection_id text, bundle_id text, \
      rtc_type text, rtc_id text, rtc_timestamp double precision, rtc_data text, \
@@ -726,21 +731,15 @@ fn is_data_error(err: &sqlx::Error) -> bool {
 }
 
 /// Whether a SQLSTATE means "try again later". Everything else from the database is permanent.
+/// Whether a retry can help, by SQLSTATE. Only errors tied to a row's content are permanent:
+/// class 22 (data exception: a value out of range, bad text), 23 (integrity constraint) and 54
+/// (program limit exceeded: an index row too long). Everything else comes from the database's state
+/// (outages, locks, a revoked privilege, a dropped table, a read-only standby, a changed password),
+/// which an operator can fix while Kohaku retries with backoff, holds the data and reports the
+/// error in `/health`; refusing the rows instead would lose acknowledged data for a mistake fixed
+/// in minutes.
 pub fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08") // connection exception
-        || code.starts_with("53") // insufficient resources: disk full, out of memory, too many connections
-        || matches!(
-            code,
-            "40001" // serialization_failure
-            | "40P01" // deadlock_detected
-            | "55P03" // lock_not_available
-            | "57014" // query_canceled (statement_timeout)
-            | "57P01" // admin_shutdown
-            | "57P02" // crash_shutdown
-            | "57P03" // cannot_connect_now (starting up, recovering)
-            | "58000" // system_error
-            | "58030" // io_error
-        )
+    !(code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
 }
 
 pub fn is_transient(err: &sqlx::Error) -> bool {
@@ -817,12 +816,25 @@ impl StatsSink for TimescaleSink {
     }
 
     async fn health(&self) -> Result<(), SinkError> {
-        // Touching rtc_stats also proves the schema is there and the table is not locked away.
+        // Touching rtc_stats proves the schema is there and the table is not locked away; a
+        // SELECT alone would pass while INSERT is revoked or the server is a read-only standby.
         sqlx::query("SELECT 1 FROM rtc_stats LIMIT 0")
             .execute(&self.pool)
             .await
-            .map(|_| ())
-            .map_err(classify("timescaledb: health check failed"))
+            .map_err(classify("timescaledb: health check failed"))?;
+        let writable: bool = sqlx::query_scalar(WRITABLE_QUERY)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify("timescaledb: health check failed"))?;
+        if writable {
+            Ok(())
+        } else {
+            Err(SinkError::classified(
+                true,
+                "timescaledb: health check failed: this role may not write rtc_stats and \
+                 sora_connection (INSERT, and UPDATE on sora_connection), or the server is read-only",
+            ))
+        }
     }
 
     async fn close(&self) -> Result<(), SinkError> {
@@ -865,8 +877,14 @@ mod tests {
         ] {
             assert!(is_transient_sqlstate(transient), "{transient}");
         }
+        // The database's state: an operator's fix makes the same write succeed.
+        for state in [
+            "42501", "42P01", "42703", "28P01", "3D000", "25006", "0A000", "XX000",
+        ] {
+            assert!(is_transient_sqlstate(state), "{state}");
+        }
         for permanent in [
-            "22P02", "22003", "22P05", "23505", "42P01", "42703", "28P01", "3D000",
+            "22P02", "22003", "22P05", "22008", "23505", "23502", "54000",
         ] {
             assert!(!is_transient_sqlstate(permanent), "{permanent}");
         }

@@ -47,6 +47,42 @@ pub async fn fresh_database(prefix: &str) -> String {
     url_of(&name)
 }
 
+/// Creates an empty database owned by `role` (a login role without superuser rights, created when
+/// missing), as an operator sets Kohaku up: privileges then apply to it, and a `REVOKE` bites.
+/// Returns the database's URL as the cluster's superuser and as `role`.
+pub async fn fresh_database_owned_by(prefix: &str, role: &str) -> (String, String) {
+    let admin_url = fresh_database(prefix).await;
+    let database = admin_url.rsplit('/').next().unwrap_or_default().to_owned();
+    execute(
+        &var(URL_VAR),
+        &format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN \
+             CREATE ROLE \"{role}\" LOGIN; END IF; END $$; \
+             ALTER DATABASE \"{database}\" OWNER TO \"{role}\""
+        ),
+    )
+    .await
+    .expect("role and database ownership");
+    let role_url = admin_url.replacen("://postgres@", &format!("://{role}@"), 1);
+    assert_ne!(
+        role_url, admin_url,
+        "the test cluster's URL names its superuser `postgres`"
+    );
+    (admin_url, role_url)
+}
+
+/// Runs `sql` (one or more statements) at `url`.
+pub async fn execute(url: &str, sql: &str) -> Result<(), String> {
+    let pool = PgPool::connect(url)
+        .await
+        .map_err(|err| format!("connect: {err}"))?;
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(&pool)
+        .await;
+    pool.close().await;
+    result.map(|_| ()).map_err(|err| err.to_string())
+}
+
 fn cluster(action: &str) {
     let status = Command::new(var(SCRIPT_VAR))
         .args([action, &var(DIR_VAR)])
