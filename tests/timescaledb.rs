@@ -235,7 +235,7 @@ async fn a_revoked_privilege_is_retried_until_granted_and_loses_nothing() {
     let exporter = H2::connect(app.exporter_addr()).await;
     let objects_per_report = 5;
     let mut acknowledged = 0i64;
-    let mut send = |range: std::ops::Range<u64>| {
+    let send = |range: std::ops::Range<u64>| {
         let client = client.clone();
         async move {
             let mut accepted = 0i64;
