@@ -35,7 +35,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// toml's message already carries line, column, the offending line and the key.
+    /// Line, column and key of the problem; never the offending line itself, which may hold a
+    /// password.
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config ({source_name}): `{key}`: {message}")]
@@ -44,6 +45,31 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+}
+
+/// toml's own rendering of an error quotes the offending line, and that line can be
+/// `uri = "postgres://kohaku:password@…` with a missing quote. This names the line, the column
+/// and the key (the text before `=`, or the table header) instead; the message is redacted too,
+/// as serde's messages may quote a value.
+fn parse_error_message(text: &str, err: &toml::de::Error) -> String {
+    let message = redact_uri(err.message().trim_end());
+    let Some(span) = err.span() else {
+        return message;
+    };
+    let mut start = span.start.min(text.len());
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    let line_start = text[..start].rfind('\n').map_or(0, |newline| newline + 1);
+    let line_number = text[..start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let place = match line.split_once('=') {
+        Some((key, _)) => format!(", key `{}`", key.trim()),
+        None if line.trim_start().starts_with('[') => format!(", in {}", line.trim()),
+        None => String::new(),
+    };
+    format!("line {line_number}, column {column}{place}: {message}")
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -407,7 +433,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|err: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
-            message: err.to_string().trim_end().to_owned(),
+            message: parse_error_message(text, &err),
         })
     }
 
@@ -607,6 +633,120 @@ impl Config {
             }
         }
 
+        // Time settings far past any sensible value are typos; some would also overflow a timer
+        // or a store's own limit (SQLite's busy timeout is an i32 of milliseconds, PostgreSQL's
+        // statement_timeout too) and fail only at start-up or at the first write.
+        const HOUR_MS: u64 = 3_600_000;
+        const DAY_SECS: u64 = 86_400;
+        let sinks = self.sinks.as_ref();
+        let sqlite = sinks.and_then(|sinks| sinks.sqlite.as_ref());
+        let timescaledb = sinks.and_then(|sinks| sinks.timescaledb.as_ref());
+        for (key, value, max, unit) in [
+            (
+                "pipeline.batch_max_wait_ms",
+                Some(pipeline.batch_max_wait_ms),
+                HOUR_MS,
+                "ms",
+            ),
+            (
+                "pipeline.retry_initial_backoff_ms",
+                Some(pipeline.retry_initial_backoff_ms),
+                HOUR_MS,
+                "ms",
+            ),
+            (
+                "pipeline.retry_max_backoff_ms",
+                Some(pipeline.retry_max_backoff_ms),
+                HOUR_MS,
+                "ms",
+            ),
+            (
+                "pipeline.shutdown_timeout_secs",
+                Some(pipeline.shutdown_timeout_secs),
+                DAY_SECS,
+                "s",
+            ),
+            (
+                "server.body_read_timeout_secs",
+                Some(server.body_read_timeout_secs),
+                DAY_SECS,
+                "s",
+            ),
+            (
+                "server.http2_idle_timeout",
+                Some(server.http2_idle_timeout),
+                7 * DAY_SECS,
+                "s",
+            ),
+            (
+                "spool.fsync_interval_ms",
+                self.spool.as_ref().map(|s| s.fsync_interval_ms),
+                HOUR_MS,
+                "ms",
+            ),
+            (
+                "sinks.sqlite.busy_timeout_ms",
+                sqlite.map(|s| s.busy_timeout_ms),
+                HOUR_MS,
+                "ms",
+            ),
+            (
+                "sinks.timescaledb.statement_timeout_secs",
+                timescaledb.map(|s| s.statement_timeout_secs),
+                DAY_SECS,
+                "s",
+            ),
+        ] {
+            if let Some(value) = value.filter(|value| *value > max) {
+                return Err(invalid(
+                    key,
+                    format!("{value} {unit} is more than the largest accepted value, {max} {unit}"),
+                ));
+            }
+        }
+        // What `serve` would refuse only after creating files: paths that cannot be used.
+        let not_a_directory = |key: &str, dir: &Path| -> Result<(), ConfigError> {
+            if dir.exists() && !dir.is_dir() {
+                return Err(invalid(
+                    key,
+                    format!("{} exists and is not a directory", dir.display()),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(dir) = &log.dir {
+            not_a_directory("log.dir", dir)?;
+        }
+        if let Some(spool) = &self.spool {
+            not_a_directory("spool.dir", &spool.dir)?;
+        }
+        if let Some(sqlite) = sqlite {
+            let parent = sqlite
+                .path
+                .parent()
+                .filter(|parent| !parent.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(invalid(
+                    "sinks.sqlite.path",
+                    format!(
+                        "{}: the directory {} does not exist (Kohaku creates the database file, not its directory)",
+                        sqlite.path.display(),
+                        parent.display()
+                    ),
+                ));
+            }
+            if sqlite.path.is_dir() {
+                return Err(invalid(
+                    "sinks.sqlite.path",
+                    format!(
+                        "{} is a directory, not a database file",
+                        sqlite.path.display()
+                    ),
+                ));
+            }
+        }
+
         if let Some(sinks) = &self.sinks {
             if *sinks == SinksConfig::default() {
                 return Err(invalid(
@@ -682,6 +822,21 @@ mod tests {
     }
 
     #[test]
+    fn parse_errors_never_show_the_password() {
+        for text in [
+            "[sinks.timescaledb]\nuri = \"postgres://kohaku:hunter2@db/stats\n",
+            "[sinks.timescaledb]\nuri = [\"postgres://kohaku:hunter2@db/stats\"]\n",
+            "[sinks]\ntimescaledb = { uri = \"postgres://kohaku:hunter2@db/stats\", typo = 1 }\n",
+            "[sinks.timescaledb]\nuri = 'postgres://kohaku:hunter2@db/stats'\nmax_connections = \"postgres://kohaku:hunter2@db\"\n",
+            "[sinks.timescaledb]\nuri = \"postgres://kohaku:hunter2@db/stats\" x\n",
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            assert!(err.contains("line "), "{err}");
+        }
+    }
+
+    #[test]
     fn unknown_sink_is_rejected() {
         let err = parse("[sinks.mysql]\nuri = 'x'\n").unwrap_err().to_string();
         assert!(err.contains("unknown field `mysql`"), "{err}");
@@ -718,6 +873,25 @@ mod tests {
                 "server.webhook_path",
             ),
             ("[server]\nwebhook_path = '/.ok'\n", "server.webhook_path"),
+            (
+                "[sinks.sqlite]\npath = 'k.db'\nbusy_timeout_ms = 3000000000\n",
+                "sinks.sqlite.busy_timeout_ms",
+            ),
+            (
+                "[pipeline]\nbatch_max_wait_ms = 100000000000000000\n",
+                "pipeline.batch_max_wait_ms",
+            ),
+            (
+                "[sinks.timescaledb]\nuri = 'postgres://k@h/d'\nstatement_timeout_secs = 9999999999\n",
+                "sinks.timescaledb.statement_timeout_secs",
+            ),
+            (
+                "[sinks.sqlite]\npath = '/nonexistent-kohaku-dir/k.db'\n",
+                "sinks.sqlite.path",
+            ),
+            ("[sinks.sqlite]\npath = '/'\n", "sinks.sqlite.path"),
+            ("[log]\ndir = '/etc/passwd'\n", "log.dir"),
+            ("[spool]\ndir = '/etc/passwd'\n", "spool.dir"),
             (
                 "[pipeline]\nbatch_max_rows = 10\nqueue_max_rows = 5\n",
                 "pipeline.batch_max_rows",

@@ -4,18 +4,18 @@
 /// for `password=` values.
 pub fn redact_uri(uri: &str) -> String {
     let mut redacted = match uri.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            let (authority, tail) = rest.split_at(authority_end);
-            let authority = match authority.rsplit_once('@') {
-                Some((userinfo, host)) => match userinfo.split_once(':') {
-                    Some((user, _password)) => format!("{user}:***@{host}"),
-                    None => authority.to_owned(),
-                },
-                None => authority.to_owned(),
-            };
-            format!("{scheme}://{authority}{tail}")
-        }
+        // A password may hold an unescaped `/`, `?`, `#` or `@`, so the authority cannot be cut at
+        // the first of those: everything between the user's `:` and the last `@` is hidden. A
+        // query holding an `@` hides more than needed, never less.
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host_and_rest)) => match userinfo.split_once(':') {
+                Some((user, _password)) if !user.contains(['/', '?', '#']) => {
+                    format!("{scheme}://{user}:***@{host_and_rest}")
+                }
+                _ => uri.to_owned(),
+            },
+            None => uri.to_owned(),
+        },
         None => uri.to_owned(),
     };
     let mut search_from = 0;
@@ -48,6 +48,12 @@ mod tests {
                 "postgres://h/db?user=u&password=***&sslmode=verify-full",
             ),
             ("postgres://u:a:b@c@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:pw/x@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:pw?x#y@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            ("postgres://h/db?user=u@x", "postgres://h/db?user=u@x"),
             ("host=h password=pw user=u", "host=h password=*** user=u"),
         ] {
             assert_eq!(redact_uri(uri), expected);
