@@ -274,6 +274,77 @@ async fn torn_segments_are_cut_at_start_up_and_their_intact_records_stored() {
     assert_eq!(app.shutdown().await.dropped_rows, 0);
 }
 
+/// The disk under the spool fills while a sink is down: requests that could not be written get
+/// 503 (never 204), `/health` names the spool, and once space is freed Kohaku takes reports again
+/// without a restart; when the sink is back, every acknowledged object is stored, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_spool_refuses_what_it_cannot_write_and_recovers() {
+    let Some(filesystem) = SmallFilesystem::mount(512 * 1024) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = spooled_config(dir.path(), 64 << 20);
+    config.spool.as_mut().unwrap().dir = filesystem.path().join("spool");
+    let db = dir.path().join("stats.db");
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let exporter = H2::connect(app.exporter_addr()).await;
+    let filler = filesystem.fill_leaving(96 * 1024);
+    let lock = WriteLock::take(&db);
+
+    let mut acknowledged = Acknowledged::default();
+    let mut seed = 0;
+    let refused = loop {
+        let answer = client
+            .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
+            .await;
+        match answer.status {
+            StatusCode::NO_CONTENT => {
+                acknowledged.0.insert(sora_id(seed));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => break answer,
+            other => panic!("unexpected {other}: {}", answer.text()),
+        }
+        seed += 1;
+        assert!(seed < 10_000, "the disk never filled");
+    };
+    assert_eq!(refused.json()["field"], "spool");
+    assert_contains(&refused.text(), "cannot write the spool");
+    let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE, HEALTH_WAIT).await;
+    assert!(
+        health["failing"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("spool")),
+        "{health}"
+    );
+    assert!(health["spool"]["write_error"].is_string(), "{health}");
+
+    // Space comes back: reports are taken again, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    for _ in 0..5 {
+        seed += 1;
+        let answer = client
+            .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
+            .await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+        acknowledged.0.insert(sora_id(seed));
+    }
+    let health = exporter.get("/health").await.json();
+    assert_eq!(health["failing"], serde_json::json!(["sqlite"]), "{health}");
+
+    drop(lock);
+    let stored = wait_for_sqlite_rows(&db, acknowledged.objects(), Duration::from_secs(20)).await;
+    assert_eq!(
+        stored,
+        acknowledged.objects(),
+        "every acknowledged object, once"
+    );
+    assert_eq!(stored_connections(&db), acknowledged.0);
+    wait_for_health(&exporter, StatusCode::OK, HEALTH_WAIT).await;
+    assert_eq!(app.shutdown().await.dropped_rows, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_kohaku_cannot_take_the_same_spool() {
     let dir = tempfile::tempdir().unwrap();

@@ -298,27 +298,35 @@ impl IngestRouter {
     }
 }
 
-/// 200 `{"status":"ok",…}` when every sink is usable, else 503 naming the failing ones.
+/// 200 `{"status":"ok",…}` when every sink is usable and the spool (if any) can be written, else
+/// 503 naming what is failing (`"spool"` among the sinks' names).
 pub async fn health_response(health: &SinkHealth) -> HttpResponse {
     let sinks = health.check().await;
-    let healthy = sinks.iter().all(|sink| sink.healthy);
+    let mut failing: Vec<&str> = sinks
+        .iter()
+        .filter(|sink| !sink.healthy)
+        .map(|sink| sink.sink.as_str())
+        .collect();
+    let spool = health.spool().map(|spool| spool.status());
+    if spool
+        .as_ref()
+        .is_some_and(|status| status.write_error.is_some())
+    {
+        failing.push("spool");
+    }
+    let healthy = failing.is_empty();
     let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let failing: Vec<&str> = sinks
-        .iter()
-        .filter(|sink| !sink.healthy)
-        .map(|sink| sink.sink.as_str())
-        .collect();
     let mut answer = serde_json::json!({
         "status": if healthy { "ok" } else { "unavailable" },
         "failing": failing,
         "sinks": sinks,
     });
-    if let Some(spool) = health.spool() {
-        answer["spool"] = serde_json::to_value(spool.status()).unwrap_or_default();
+    if let Some(spool) = spool {
+        answer["spool"] = serde_json::to_value(spool).unwrap_or_default();
     }
     response::json(status, &answer)
 }

@@ -119,6 +119,8 @@ struct Shared {
     /// The end of what is written (and synced, per policy): readers read up to it.
     committed: watch::Sender<Position>,
     sinks: Mutex<BTreeMap<String, SinkProgress>>,
+    /// Set by the writer when a write fails, cleared when one succeeds.
+    write_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -148,7 +150,13 @@ impl Shared {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     segments.remove(&id);
-                    self.bytes.fetch_sub(size, Ordering::SeqCst);
+                    // Saturating: a miscount must show as a too-small spool, never wrap into a
+                    // "full" one that refuses everything.
+                    let _ = self
+                        .bytes
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |bytes| {
+                            Some(bytes.saturating_sub(size))
+                        });
                     tracing::debug!(
                         segment = id,
                         bytes = size,
@@ -190,6 +198,10 @@ pub struct SpoolStatus {
     /// Per sink: seconds since the oldest report it has not yet stored was received (0 when it
     /// has stored everything it has read).
     pub oldest_unsent_seconds: BTreeMap<String, f64>,
+    /// Why the last write to the spool failed, until a write succeeds again: while set, reports
+    /// are refused with 503 and `/health` is red.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_error: Option<String>,
 }
 
 /// Reads the spool's state; cheap to clone.
@@ -216,6 +228,7 @@ impl SpoolMonitor {
             max_bytes: self.shared.max_bytes,
             segments: lock(&self.shared.segments).len(),
             oldest_unsent_seconds,
+            write_error: lock(&self.shared.write_error).clone(),
         }
     }
 }
@@ -343,6 +356,7 @@ impl Spool {
             segments: Mutex::new(segment_set),
             committed,
             sinks: Mutex::new(BTreeMap::new()),
+            write_error: Mutex::new(None),
         });
         let (sender, receiver) = std_mpsc::channel();
         let writer = Writer {
@@ -351,6 +365,7 @@ impl Spool {
             segment_bytes: options.segment_bytes(),
             file,
             position: start,
+            written_end: start.offset,
             unsynced: false,
             broken: false,
             buffer: Vec::new(),
@@ -476,9 +491,16 @@ fn create_segment(dir: &Path, id: u64) -> Result<File, SpoolError> {
         .append(true)
         .open(&path)
         .map_err(io_error(dir, format!("cannot create {}", path.display())))?;
-    file.write_all(SEGMENT_MAGIC)
+    if let Err(err) = file
+        .write_all(SEGMENT_MAGIC)
         .and_then(|()| file.sync_data())
-        .map_err(io_error(dir, format!("cannot write {}", path.display())))?;
+    {
+        // Left behind, a file without its header would block this segment id for good.
+        let _ = std::fs::remove_file(&path);
+        return Err(io_error(dir, format!("cannot write {}", path.display()))(
+            err,
+        ));
+    }
     // The new name must survive a crash too, or the records in it would be lost with it.
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -491,9 +513,13 @@ struct Writer {
     fsync: FsyncPolicy,
     segment_bytes: u64,
     file: File,
+    /// Where the next record goes, counting records buffered but not yet written.
     position: Position,
+    /// The end of what was written to the active segment without error: a failed write is cut
+    /// back to it, so that no partial record stays behind for readers (or the byte count).
+    written_end: u64,
     unsynced: bool,
-    /// A write failed midway: the next append starts a new segment rather than trusting the tail.
+    /// A write failed: the next append starts a new segment rather than trusting this one.
     broken: bool,
     buffer: Vec<u8>,
 }
@@ -533,10 +559,19 @@ impl Writer {
                         reserved,
                         done,
                     } => {
-                        if let Err(err) = self.append(received_at, protocol, &body) {
-                            self.fail(reserved, done, &err);
-                        } else {
-                            waiting.push((reserved, done));
+                        // A new segment is started only between groups: the records buffered so
+                        // far are committed (or refused) first, each request answered for its
+                        // own bytes, never for a write that failed with another's.
+                        if self.needs_new_segment() && !waiting.is_empty() {
+                            self.commit(std::mem::take(&mut waiting), &mut last_sync);
+                        }
+                        match self.append(received_at, protocol, &body) {
+                            Ok(()) => waiting.push((reserved, done)),
+                            Err(err) => {
+                                tracing::error!(error = %err, "cannot start a new spool segment; answering 503");
+                                self.note_write_error(&err);
+                                self.fail(reserved, done, &err);
+                            }
                         }
                     }
                     Message::Close(done) => {
@@ -548,37 +583,75 @@ impl Writer {
                     message = receiver.try_recv().ok();
                 }
             }
-            let result = self.flush().and_then(|()| match self.fsync {
-                FsyncPolicy::Always => self.file.sync_data(),
-                FsyncPolicy::Interval(interval) => {
-                    self.unsynced = true;
-                    if last_sync.elapsed() >= interval {
-                        last_sync = Instant::now();
-                        self.sync();
-                    }
-                    Ok(())
-                }
-            });
-            match result {
-                Ok(()) => {
-                    self.shared.committed.send_replace(self.position);
-                    for (_, done) in waiting {
-                        let _ = done.send(Ok(()));
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(error = %err, "cannot write the spool; answering 503 to the waiting requests");
-                    self.broken = true;
-                    for (reserved, done) in waiting {
-                        self.fail(reserved, done, &err);
-                    }
-                }
+            if !waiting.is_empty() {
+                self.commit(waiting, &mut last_sync);
             }
         }
         self.sync();
         if let Some(done) = closed {
             let _ = done.send(());
         }
+    }
+
+    /// Writes the buffered records (and syncs them, per policy), then answers their requests:
+    /// `Ok` only when their own bytes are written. On failure the segment is cut back to what was
+    /// written before, and the next append starts a new segment.
+    fn commit(&mut self, waiting: Vec<Waiting>, last_sync: &mut Instant) {
+        let result = self.flush().and_then(|()| match self.fsync {
+            FsyncPolicy::Always => self.file.sync_data(),
+            FsyncPolicy::Interval(interval) => {
+                self.unsynced = true;
+                if last_sync.elapsed() >= interval {
+                    *last_sync = Instant::now();
+                    self.sync();
+                }
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                self.written_end = self.position.offset;
+                self.shared.committed.send_replace(self.position);
+                if lock(&self.shared.write_error).take().is_some() {
+                    tracing::info!("the spool can be written again");
+                }
+                for (_, done) in waiting {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(err) => {
+                tracing::error!(
+                    error = %err,
+                    requests = waiting.len(),
+                    "cannot write the spool; answering 503 to the waiting requests"
+                );
+                self.note_write_error(&err);
+                self.discard_unwritten();
+                for (reserved, done) in waiting {
+                    self.fail(reserved, done, &err);
+                }
+            }
+        }
+    }
+
+    /// After a failed write: the segment is cut back to its last whole record and closed to
+    /// appends. What a short write left would otherwise be read as a corrupt record, and counted
+    /// nowhere in the spool's size.
+    fn discard_unwritten(&mut self) {
+        self.buffer.clear();
+        self.broken = true;
+        if let Err(err) = self.file.set_len(self.written_end) {
+            tracing::error!(error = %err, segment = self.position.segment, "cannot cut a failed write off the spool segment; readers will skip its tail");
+        }
+        self.position.offset = self.written_end;
+    }
+
+    fn note_write_error(&self, err: &std::io::Error) {
+        *lock(&self.shared.write_error) = Some(err.to_string());
+    }
+
+    fn needs_new_segment(&self) -> bool {
+        self.broken || self.position.offset >= self.segment_bytes
     }
 
     fn fail(
@@ -605,7 +678,7 @@ impl Writer {
         protocol: Protocol,
         body: &[u8],
     ) -> std::io::Result<()> {
-        if self.broken || self.position.offset >= self.segment_bytes {
+        if self.needs_new_segment() {
             self.rotate()?;
         }
         let before = self.buffer.len();
@@ -623,10 +696,14 @@ impl Writer {
         result
     }
 
+    /// Starts the next segment. Only called with nothing buffered: the group before was committed.
     fn rotate(&mut self) -> std::io::Result<()> {
-        self.flush()?;
+        debug_assert!(self.buffer.is_empty());
         // Sealed segments are synced whatever the policy: readers and replay treat them as final.
-        self.file.sync_data()?;
+        // A broken segment was cut back to what was already synced.
+        if !self.broken {
+            self.file.sync_data()?;
+        }
         let next = self.position.segment + 1;
         let file = create_segment(&self.shared.dir, next).map_err(|err| match err {
             SpoolError::Io { source, .. } => source,
@@ -638,6 +715,7 @@ impl Writer {
             segment: next,
             offset: HEADER_LEN,
         };
+        self.written_end = HEADER_LEN;
         self.shared.bytes.fetch_add(HEADER_LEN, Ordering::SeqCst);
         lock(&self.shared.segments).insert(next);
         Ok(())

@@ -1,3 +1,4 @@
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -269,5 +270,238 @@ async fn webhook_records_and_segments_of_the_first_format_replay_after_an_upgrad
             (id("W", 3), Some("G3".to_owned()), 1),
             (id("C", 4), None, 1),
         ]
+    );
+}
+
+/// A tmpfs of `bytes`, mounted on a fresh directory and unmounted when dropped: a really full
+/// filesystem. `None`, with a message, where this process may not mount one (it needs root).
+struct SmallFilesystem {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFilesystem {
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); the disk-full case is not tested");
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn segment_bytes_on_disk(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".seg"))
+        .map(|entry| entry.metadata().unwrap().len())
+        .sum()
+}
+
+/// Six requests at a time into a spool on a filesystem that fills up: exactly the reports answered
+/// `Ok` are in the spool after a restart, each once; the failure shows in the status; the byte
+/// count matches the files; and once space is freed, appends succeed again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_exactly_what_was_not_written_and_the_spool_recovers() {
+    let Some(filesystem) = SmallFilesystem::mount(192 * 1024) else {
+        return;
+    };
+    let spool_dir = filesystem.path().join("spool");
+    let filler = filesystem.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 64 * 1024]).unwrap();
+    // Segments of 16 KiB: the disk fills while segments are being started, mid-group.
+    let options = options(&spool_dir, 256 * 1024);
+    let spool = Spool::open(&options).unwrap();
+    let appender = spool.appender();
+
+    let next_seed = Arc::new(AtomicU64::new(0));
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (appender, next_seed, acknowledged) = (
+            appender.clone(),
+            Arc::clone(&next_seed),
+            Arc::clone(&acknowledged),
+        );
+        senders.spawn(async move {
+            let mut refused = 0;
+            for _ in 0..2_000 {
+                let seed = next_seed.fetch_add(1, Ordering::SeqCst);
+                match appender
+                    .append(
+                        OffsetDateTime::now_utc(),
+                        Protocol::Exporter,
+                        body(seed, 40),
+                    )
+                    .await
+                {
+                    Ok(()) => lock(&acknowledged).push(seed),
+                    Err(AppendError::Write(_)) => refused += 1,
+                    Err(other) => panic!("unexpected {other}"),
+                }
+                if refused >= 5 {
+                    break;
+                }
+            }
+            refused
+        });
+    }
+    let mut refused = 0;
+    while let Some(joined) = senders.join_next().await {
+        refused += joined.unwrap();
+    }
+    assert!(refused > 0, "the filesystem never filled");
+    let status = spool.monitor().status();
+    assert!(status.write_error.is_some(), "{status:?}");
+    assert_eq!(
+        spool.bytes(),
+        segment_bytes_on_disk(&spool_dir),
+        "the byte count is what the segments hold: no failed write counted, none left behind"
+    );
+
+    // Space comes back: the spool takes reports again, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    for _ in 0..5 {
+        let seed = next_seed.fetch_add(1, Ordering::SeqCst);
+        appender
+            .append(
+                OffsetDateTime::now_utc(),
+                Protocol::Exporter,
+                body(seed, 40),
+            )
+            .await
+            .expect("appends succeed once there is space");
+        lock(&acknowledged).push(seed);
+    }
+    assert_eq!(spool.monitor().status().write_error, None);
+    let mut spool = spool;
+    spool.close_writer().await;
+    drop(spool);
+
+    // After a restart, exactly the acknowledged reports are there, each once.
+    let spool = Spool::open(&options).unwrap();
+    let [mut reader] = readers(&spool, ["check"]);
+    let read = drain(&mut reader).await;
+    let mut expected = ids(0..0);
+    let mut seeds = lock(&acknowledged).clone();
+    seeds.sort_unstable();
+    for seed in seeds {
+        expected.push(format!("{:0>26}", format!("C{seed}")));
+    }
+    let mut sorted = read.clone();
+    sorted.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(sorted.len(), read.len());
+    assert_eq!(sorted, expected, "acknowledged = spooled, each once");
+}
+
+/// The records intact in a segment file.
+fn records_in(path: &Path) -> usize {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    if bytes.len() < SEGMENT_MAGIC.len() {
+        return 0;
+    }
+    record::scan(&bytes[SEGMENT_MAGIC.len()..], record::Format::V2)
+        .0
+        .len()
+}
+
+/// One group of six appends, queued before the writer runs, whose fourth needs a new segment, on
+/// a filesystem with no room left: none may be answered `Ok` unless its record is on disk. (The
+/// writer once started the new segment by writing the group's pending records as a side effect;
+/// when that write failed, only the fourth request learnt of it and the first three got `Ok`.)
+#[test]
+fn a_request_is_acknowledged_only_for_its_own_written_bytes() {
+    let Some(filesystem) = SmallFilesystem::mount(64 * 1024) else {
+        return;
+    };
+    let dir = filesystem.path().to_path_buf();
+    let file = create_segment(&dir, 1).unwrap();
+    // Whatever room is left, fill it.
+    let mut filler = File::create(dir.join("filler")).unwrap();
+    while filler.write_all(&[0u8; 1024]).is_ok() {}
+    let _ = filler.sync_all();
+
+    let (committed, _) = watch::channel(Position {
+        segment: 1,
+        offset: HEADER_LEN,
+    });
+    let shared = Arc::new(Shared {
+        dir: dir.clone(),
+        max_bytes: 1 << 20,
+        bytes: AtomicU64::new(HEADER_LEN),
+        segments: Mutex::new(BTreeSet::from([1])),
+        committed,
+        sinks: Mutex::new(BTreeMap::new()),
+        write_error: Mutex::new(None),
+    });
+    let writer = Writer {
+        shared: Arc::clone(&shared),
+        fsync: FsyncPolicy::Always,
+        segment_bytes: 8 * 1024,
+        file,
+        position: Position {
+            segment: 1,
+            offset: HEADER_LEN,
+        },
+        written_end: HEADER_LEN,
+        unsynced: false,
+        broken: false,
+        buffer: Vec::new(),
+    };
+    let (sender, receiver) = std_mpsc::channel();
+    let mut answers = Vec::new();
+    for seed in 0..6 {
+        let body = body(seed, 40);
+        let reserved = record::encoded_len(body.len()) as u64;
+        shared.bytes.fetch_add(reserved, Ordering::SeqCst);
+        let (done, answer) = oneshot::channel();
+        sender
+            .send(Message::Append {
+                received_at: OffsetDateTime::now_utc(),
+                protocol: Protocol::Exporter,
+                body,
+                reserved,
+                done,
+            })
+            .unwrap();
+        answers.push(answer);
+    }
+    let (closed, _) = oneshot::channel();
+    sender.send(Message::Close(closed)).unwrap();
+    writer.run(receiver);
+
+    let acknowledged = answers
+        .into_iter()
+        .filter_map(|answer| answer.blocking_recv().ok())
+        .filter(Result::is_ok)
+        .count();
+    let on_disk = records_in(&segment_path(&dir, 1)) + records_in(&segment_path(&dir, 2));
+    assert!(on_disk < 6, "the filesystem had no room");
+    assert_eq!(acknowledged, on_disk, "Ok only for records on disk");
+    assert!(lock(&shared.write_error).is_some());
+    assert_eq!(
+        shared.bytes.load(Ordering::SeqCst),
+        segment_bytes_on_disk(&dir),
+        "nothing counted that is not on disk"
     );
 }

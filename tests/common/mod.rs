@@ -751,3 +751,71 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStat
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A tmpfs of `bytes`, mounted on a fresh directory and unmounted when dropped: a really full
+/// filesystem for the disk-full tests. `None`, with a message, where this process may not mount
+/// (it needs root; `./scripts/test` in CI runs as root). The library's unit tests have their own.
+pub struct SmallFilesystem {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFilesystem {
+    pub fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); the disk-full case is not tested");
+            return None;
+        }
+        Some(Self { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem up to `leave` free bytes with a file, whose removal frees the space.
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let filler = self.path().join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let chunk = [0u8; 4096];
+        loop {
+            let free = free_bytes(self.path());
+            if free <= leave {
+                break;
+            }
+            let size = chunk.len().min((free - leave) as usize).max(1);
+            if std::io::Write::write_all(&mut file, &chunk[..size]).is_err() {
+                break;
+            }
+            let _ = file.sync_all();
+        }
+        filler
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let output = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("df runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .unwrap_or(0)
+}
