@@ -78,46 +78,105 @@ impl SqliteOptions {
 }
 
 pub struct SqliteSink {
-    path: PathBuf,
-    connection: Arc<Mutex<Connection>>,
+    options: SqliteOptions,
+    open: Arc<Mutex<OpenFile>>,
+}
+
+/// The connection and the file it has open. An operator can delete or replace the file at
+/// `path` while Kohaku runs; SQLite would go on writing into the unlinked file, where nothing can
+/// read it, so every write checks that the path still names the file the connection holds.
+struct OpenFile {
+    connection: Connection,
+    file: Option<FileId>,
+}
+
+/// A file's identity: device and inode.
+type FileId = (u64, u64);
+
+fn file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|meta| (meta.dev(), meta.ino()))
+}
+
+impl OpenFile {
+    fn is_current(&self, path: &Path) -> bool {
+        self.file.is_some() && file_id(path) == self.file
+    }
+
+    /// Closes the connection (SQLite folds its WAL into the old file and deletes it) and opens
+    /// the file now at the path, creating it and its schema if it is gone.
+    fn reopen(&mut self, options: &SqliteOptions) -> Result<(), SinkError> {
+        tracing::warn!(
+            path = %options.path.display(),
+            "sqlite: the database file was deleted or replaced while Kohaku ran; writing to the file now at the path (created if missing)"
+        );
+        let placeholder = Connection::open_in_memory()
+            .map_err(|err| classify("sqlite: cannot reopen the database", err))?;
+        drop(std::mem::replace(&mut self.connection, placeholder));
+        self.file = None;
+        let mut connection = open_connection(options)?;
+        migrate(&mut connection)?;
+        self.file = file_id(&options.path);
+        self.connection = connection;
+        Ok(())
+    }
+}
+
+fn replaced_error(path: &Path) -> SinkError {
+    SinkError::classified(
+        true,
+        format!(
+            "sqlite {}: the database file was deleted or replaced; Kohaku writes to a new file at the path",
+            path.display()
+        ),
+    )
+}
+
+/// Opens (creating if needed) the database file with Kohaku's settings.
+fn open_connection(options: &SqliteOptions) -> Result<Connection, SinkError> {
+    let path = &options.path;
+    let context = |what: &str| format!("sqlite {}: {what}", path.display());
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let connection = Connection::open_with_flags(&path, flags)
+        .map_err(|err| classify(&context("cannot open database"), err))?;
+    connection
+        .busy_timeout(options.busy_timeout)
+        .map_err(|err| classify(&context("cannot set busy timeout"), err))?;
+    // WAL lets dashboards read while Kohaku writes; NORMAL is durable against process crashes
+    // and only loses the last transactions on power loss.
+    let mode: String = connection
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(|err| classify(&context("cannot enable WAL"), err))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(SinkError::Permanent {
+            message: context(&format!("journal_mode stayed {mode}; WAL is required")),
+            source: None,
+        });
+    }
+    connection
+        .execute_batch("PRAGMA synchronous = NORMAL;")
+        .map_err(|err| classify(&context("cannot set synchronous"), err))?;
+    Ok(connection)
 }
 
 impl SqliteSink {
     /// Opens (creating if needed) the database file. The schema is created by
     /// [`StatsSink::migrate`].
     pub fn open(options: &SqliteOptions) -> Result<Self, SinkError> {
-        let path = options.path.clone();
-        let context = |what: &str| format!("sqlite {}: {what}", path.display());
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection = Connection::open_with_flags(&path, flags)
-            .map_err(|err| classify(&context("cannot open database"), err))?;
-        connection
-            .busy_timeout(options.busy_timeout)
-            .map_err(|err| classify(&context("cannot set busy timeout"), err))?;
-        // WAL lets dashboards read while Kohaku writes; NORMAL is durable against process crashes
-        // and only loses the last transactions on power loss.
-        let mode: String = connection
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(|err| classify(&context("cannot enable WAL"), err))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(SinkError::Permanent {
-                message: context(&format!("journal_mode stayed {mode}; WAL is required")),
-                source: None,
-            });
-        }
-        connection
-            .execute_batch("PRAGMA synchronous = NORMAL;")
-            .map_err(|err| classify(&context("cannot set synchronous"), err))?;
+        let connection = open_connection(options)?;
+        let file = file_id(&options.path);
         Ok(Self {
-            path,
-            connection: Arc::new(Mutex::new(connection)),
+            options: options.clone(),
+            open: Arc::new(Mutex::new(OpenFile { connection, file })),
         })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.options.path
     }
 
     /// Runs `work` on the blocking pool with the connection locked.
@@ -126,17 +185,27 @@ impl SqliteSink {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, SinkError> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
+        self.with_open_file(move |open, _| work(&mut open.connection))
+            .await
+    }
+
+    async fn with_open_file<T, F>(&self, work: F) -> Result<T, SinkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut OpenFile, &SqliteOptions) -> Result<T, SinkError> + Send + 'static,
+    {
+        let open = Arc::clone(&self.open);
+        let options = self.options.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = lock(&connection)?;
-            work(&mut guard)
+            let mut guard = lock(&open)?;
+            work(&mut guard, &options)
         })
         .await
         .map_err(|err| SinkError::transient("sqlite worker task failed", err))?
     }
 }
 
-fn lock(connection: &Mutex<Connection>) -> Result<MutexGuard<'_, Connection>, SinkError> {
+fn lock<T>(connection: &Mutex<T>) -> Result<MutexGuard<'_, T>, SinkError> {
     // A panic while holding the lock cannot leave a half-done transaction behind (rusqlite rolls
     // back on drop), so the connection is still usable.
     Ok(connection
@@ -301,14 +370,28 @@ impl StatsSink for SqliteSink {
         }
         // Cheap: a batch is a list of shared reports.
         let batch = batch.clone();
-        self.with_connection(move |connection| write_batch(connection, &batch))
-            .await
+        self.with_open_file(move |open, options| {
+            if !open.is_current(&options.path) {
+                open.reopen(options)?;
+            }
+            let report = write_batch(&mut open.connection, &batch)?;
+            if !open.is_current(&options.path) {
+                // Deleted during this write: the rows went into the unlinked file. Reporting a
+                // transient failure has the pipeline write the batch again, into a new file.
+                return Err(replaced_error(&options.path));
+            }
+            Ok(report)
+        })
+        .await
     }
 
     async fn health(&self) -> Result<(), SinkError> {
         // Taking the write lock proves the file is writable and not held by another process.
-        self.with_connection(|connection| {
-            connection
+        self.with_open_file(|open, options| {
+            if !open.is_current(&options.path) {
+                return Err(replaced_error(&options.path));
+            }
+            open.connection
                 .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
                 .map_err(|err| classify("sqlite: database is not writable", err))
         })
