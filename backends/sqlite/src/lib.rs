@@ -141,7 +141,7 @@ fn open_connection(options: &SqliteOptions) -> Result<Connection, SinkError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let connection = Connection::open_with_flags(&path, flags)
+    let connection = Connection::open_with_flags(path, flags)
         .map_err(|err| classify(&context("cannot open database"), err))?;
     connection
         .busy_timeout(options.busy_timeout)
