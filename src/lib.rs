@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod config;
+pub mod crash;
 pub mod exporter;
 pub mod import;
 pub mod logging;

@@ -157,6 +157,7 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    kohaku::crash::log_fatal_signals();
     let (config, source) = Config::load(path)?;
     let _logs = kohaku::logging::init(&config.log, config.debug)?;
     tracing::info!(config = %source, version = env!("CARGO_PKG_VERSION"), "kohaku starting");

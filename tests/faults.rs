@@ -99,3 +99,33 @@ async fn a_deleted_database_file_is_noticed_and_replaced() {
 async fn a_deleted_database_file_is_noticed_and_replaced_with_the_spool() {
     deleted_database_file(true).await;
 }
+
+/// SIGBUS (what SQLite's memory-mapped `-shm` raises on a full disk) used to end Kohaku without a
+/// word: now a last JSON line says what happened, and the process still ends by the signal.
+#[test]
+fn sigbus_leaves_a_log_line_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut served = serve(
+        dir.path(),
+        "[server]\nlisten_addr = \"127.0.0.1\"\nlisten_port = 0\n[exporter]\nlisten_port = 0\n",
+    );
+    // SAFETY: signalling our own child process.
+    assert_eq!(
+        unsafe { libc::kill(served.child.0.id() as i32, libc::SIGBUS) },
+        0
+    );
+    let status = wait_exit(&mut served.child.0, WAIT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGBUS)
+    );
+    // The child is gone: the reader sees the end of its stdout and the iteration ends.
+    let lines: Vec<String> = served.stdout_lines.iter().collect();
+    let last: serde_json::Value = lines
+        .iter()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .expect("a JSON line");
+    assert_eq!(last["level"], "ERROR");
+    assert_contains(last["message"].as_str().unwrap(), "SIGBUS");
+}
