@@ -9,6 +9,7 @@ use std::time::Duration;
 use kohaku_sink::StatsSink;
 use tokio::net::TcpListener;
 
+use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::exporter::ExporterRouter;
 use crate::metrics::Metrics;
@@ -76,10 +77,21 @@ impl App {
             Some(spool) => {
                 let spool = Spool::open(&spool.options())?;
                 metrics.register_spool(spool.monitor());
+                // Half for requests being read and appended, half for the sinks' replay.
+                let requests = options.memory_max_bytes / 2;
+                let budget = MemoryBudget::new(requests);
+                metrics.register_memory(budget.clone());
+                let replay = options.memory_max_bytes - requests;
                 let metrics = Arc::new(metrics);
-                Delivery::Spool(SpooledPipeline::start(sinks, options, spool, metrics))
+                Delivery::Spool(SpooledPipeline::start(
+                    sinks, options, spool, metrics, budget, replay,
+                ))
             }
-            None => Delivery::Queue(Pipeline::start(sinks, options, Arc::new(metrics))),
+            None => {
+                let budget = MemoryBudget::new(options.memory_max_bytes);
+                metrics.register_memory(budget.clone());
+                Delivery::Queue(Pipeline::start(sinks, options, Arc::new(metrics), budget))
+            }
         };
         let metrics = pipeline.metrics();
         let ready = Arc::new(AtomicBool::new(true));

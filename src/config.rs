@@ -193,6 +193,9 @@ impl Default for LogConfig {
 pub struct PipelineConfig {
     /// Stats objects accepted but not yet written to every sink; beyond it requests get 503.
     pub queue_max_rows: u64,
+    /// Bytes of report data held in memory at most: bodies arriving, reports parsed and queued
+    /// (or, with the spool, replay batches); beyond it requests get 503.
+    pub memory_max_bytes: u64,
     pub batch_max_rows: u64,
     pub batch_max_wait_ms: u64,
     /// On SIGINT/SIGTERM, how long queued stats may take to reach the sinks before Kohaku exits
@@ -208,6 +211,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             queue_max_rows: 200_000,
+            memory_max_bytes: 128 * 1024 * 1024,
             batch_max_rows: 5_000,
             batch_max_wait_ms: 200,
             shutdown_timeout_secs: 30,
@@ -586,6 +590,17 @@ impl Config {
                 format!(
                     "{} is larger than pipeline.queue_max_rows ({}): a batch could never fill",
                     pipeline.batch_max_rows, pipeline.queue_max_rows
+                ),
+            ));
+        }
+        // The largest body, and the report parsed from it, must fit with room for others.
+        let smallest_budget = server.max_body_bytes.saturating_mul(4);
+        if pipeline.memory_max_bytes < smallest_budget {
+            return Err(invalid(
+                "pipeline.memory_max_bytes",
+                format!(
+                    "{} is less than four times server.max_body_bytes ({}): the largest report could not be read and parsed",
+                    pipeline.memory_max_bytes, server.max_body_bytes
                 ),
             ));
         }

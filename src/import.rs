@@ -285,7 +285,8 @@ pub async fn run(
     let max_report_objects = MAX_REPORT_OBJECTS
         .min(pipeline.queue_max_rows as usize)
         .max(1);
-    let pipeline = Pipeline::start(sinks, pipeline, Arc::clone(&metrics));
+    let budget = crate::budget::MemoryBudget::new(pipeline.memory_max_bytes);
+    let pipeline = Pipeline::start(sinks, pipeline, Arc::clone(&metrics), budget);
     let progress = Arc::new(Progress::default());
     let display = spawn_progress_display(console.clone(), Arc::clone(&progress), total_bytes);
 

@@ -271,6 +271,11 @@ impl Metrics {
     }
 
     /// Exports the spool's size and each sink's oldest unsent report, read at each scrape.
+    pub fn register_memory(&mut self, budget: crate::budget::MemoryBudget) {
+        self.registry
+            .register_collector(Box::new(MemoryGauges { budget }));
+    }
+
     pub fn register_spool(&mut self, monitor: crate::spool::SpoolMonitor) {
         self.registry
             .register_collector(Box::new(SpoolGauges { monitor }));
@@ -331,6 +336,39 @@ impl Collector for SinkCounters {
 }
 
 /// Reads the spool's state at scrape time, so ages are current rather than last-set.
+struct MemoryGauges {
+    budget: crate::budget::MemoryBudget,
+}
+
+impl std::fmt::Debug for MemoryGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryGauges")
+    }
+}
+
+impl Collector for MemoryGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::gauge::ConstGauge;
+        for (name, help, value) in [
+            (
+                "memory_used_bytes",
+                "Bytes of report data held in memory for requests and the queue (pipeline.memory_max_bytes)",
+                self.budget.used(),
+            ),
+            (
+                "memory_max_bytes",
+                "What requests and the queue may hold; beyond it requests get 503 (with [spool]: half of pipeline.memory_max_bytes)",
+                self.budget.capacity(),
+            ),
+        ] {
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(
+                encoder.encode_descriptor(name, help, None, MetricType::Gauge)?,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 struct SpoolGauges {
     monitor: crate::spool::SpoolMonitor,
 }

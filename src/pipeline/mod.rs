@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 pub use backoff::Backoff;
 pub use spooled::SpooledPipeline;
 
+use crate::budget::{report_bytes, Held, MemoryBudget};
 use crate::config::PipelineConfig;
 use crate::metrics::Metrics;
 use crate::sora::Protocol;
@@ -34,6 +35,8 @@ const REJECTED_ROWS_LOGGED: usize = 10;
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     pub queue_max_rows: u32,
+    /// `pipeline.memory_max_bytes`.
+    pub memory_max_bytes: u64,
     pub batch_max_rows: usize,
     pub batch_max_wait: Duration,
     pub shutdown_timeout: Duration,
@@ -45,6 +48,7 @@ impl From<&PipelineConfig> for PipelineOptions {
         Self {
             // Validated against Semaphore::MAX_PERMITS, which is below u32::MAX on 64-bit targets.
             queue_max_rows: u32::try_from(config.queue_max_rows).unwrap_or(u32::MAX),
+            memory_max_bytes: config.memory_max_bytes,
             batch_max_rows: usize::try_from(config.batch_max_rows).unwrap_or(usize::MAX),
             batch_max_wait: Duration::from_millis(config.batch_max_wait_ms),
             shutdown_timeout: Duration::from_secs(config.shutdown_timeout_secs),
@@ -69,6 +73,7 @@ pub enum SubmitError {
 struct Queued {
     report: Arc<Report>,
     permit: OwnedSemaphorePermit,
+    memory: Held,
 }
 
 /// The handlers' side of the pipeline. Cheap to clone.
@@ -78,19 +83,30 @@ pub struct Ingest {
     capacity: u32,
     sender: mpsc::UnboundedSender<Queued>,
     metrics: Arc<Metrics>,
+    budget: MemoryBudget,
 }
 
 impl Ingest {
-    /// Queues the report that came by `protocol`, or says why not. `Ok` means it is in the
-    /// pipeline: answer 204.
-    pub fn submit(&self, report: Report, protocol: Protocol) -> Result<(), SubmitError> {
+    /// Queues the report that came by `protocol`, with the memory it holds, or says why not.
+    /// `Ok` means it is in the pipeline: answer 204.
+    pub fn submit(
+        &self,
+        report: Report,
+        protocol: Protocol,
+        memory: Held,
+    ) -> Result<(), SubmitError> {
         let wanted = self.permits_for(&report)?;
         let permit = match Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
             Ok(permit) => permit,
             Err(TryAcquireError::NoPermits) => return Err(SubmitError::QueueFull),
             Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
         };
-        self.enqueue(report, permit, protocol)
+        self.enqueue(report, permit, protocol, memory)
+    }
+
+    /// The memory budget requests and the queue share.
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
     }
 
     /// Queues the report, waiting while the queue is full. For callers that can wait (the
@@ -101,7 +117,8 @@ impl Ingest {
             .acquire_many_owned(wanted)
             .await
             .map_err(|_| SubmitError::Closed)?;
-        self.enqueue(report, permit, Protocol::Import)
+        let memory = self.budget.take_waiting(report_bytes(&report)).await;
+        self.enqueue(report, permit, Protocol::Import, memory)
     }
 
     fn permits_for(&self, report: &Report) -> Result<u32, SubmitError> {
@@ -122,12 +139,14 @@ impl Ingest {
         report: Report,
         permit: OwnedSemaphorePermit,
         protocol: Protocol,
+        memory: Held,
     ) -> Result<(), SubmitError> {
         let rows = report.row_count();
         self.sender
             .send(Queued {
                 report: Arc::new(report),
                 permit,
+                memory,
             })
             .map_err(|_| SubmitError::Closed)?;
         self.metrics.count_accepted(rows, protocol);
@@ -163,6 +182,8 @@ pub enum Intake {
     Spool {
         appender: SpoolAppender,
         metrics: Arc<Metrics>,
+        /// What requests may hold while they are read, parsed and appended.
+        budget: MemoryBudget,
     },
 }
 
@@ -170,15 +191,20 @@ impl Intake {
     /// `Ok` means the report is accepted (in the queue, or on disk in the spool): answer 204.
     /// `body` is the request body `report` was parsed from, as it came by `protocol`; the spool
     /// keeps it as received.
+    /// `memory` is what the request holds of the budget for the parsed report; the queue keeps
+    /// it until every sink has stored the report, the spool gives it back once it is on disk.
     pub async fn accept(
         &self,
         report: Report,
         body: bytes::Bytes,
         protocol: Protocol,
+        memory: Held,
     ) -> Result<(), AcceptError> {
         match self {
-            Self::Queue(ingest) => Ok(ingest.submit(report, protocol)?),
-            Self::Spool { appender, metrics } => {
+            Self::Queue(ingest) => Ok(ingest.submit(report, protocol, memory)?),
+            Self::Spool {
+                appender, metrics, ..
+            } => {
                 appender.append(report.received_at, protocol, body).await?;
                 metrics.count_accepted(report.row_count(), protocol);
                 Ok(())
@@ -187,10 +213,23 @@ impl Intake {
     }
 }
 
-/// A batch on its way to every sink. Its rows leave the queue when the last sink drops it.
+impl Intake {
+    /// The memory budget requests are read and parsed within.
+    pub fn budget(&self) -> &MemoryBudget {
+        match self {
+            Self::Queue(ingest) => ingest.budget(),
+            Self::Spool { budget, .. } => budget,
+        }
+    }
+}
+
+/// A batch on its way to every sink. Its rows leave the queue (and its bytes the memory budget)
+/// when the last sink drops it.
 struct InFlight {
     batch: StatsBatch,
     permit: Option<OwnedSemaphorePermit>,
+    /// Given back with the batch.
+    _memory: Held,
     permits: Arc<Semaphore>,
     capacity: u32,
     metrics: Arc<Metrics>,
@@ -304,10 +343,12 @@ pub struct ShutdownSummary {
 }
 
 impl Pipeline {
+    /// `budget` is shared with the ingest handlers, which read bodies within it.
     pub fn start(
         sinks: Vec<Arc<dyn StatsSink>>,
         options: PipelineOptions,
         metrics: Arc<Metrics>,
+        budget: MemoryBudget,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(options.queue_max_rows as usize));
         metrics
@@ -353,6 +394,7 @@ impl Pipeline {
                 capacity: options.queue_max_rows,
                 sender,
                 metrics: Arc::clone(&metrics),
+                budget,
             },
             health: SinkHealth {
                 states: Arc::new(states),
@@ -427,6 +469,7 @@ struct Batcher {
 struct Pending {
     batch: StatsBatch,
     permit: OwnedSemaphorePermit,
+    memory: Held,
     flush_at: tokio::time::Instant,
 }
 
@@ -469,11 +512,13 @@ impl Batcher {
             Some(existing) => {
                 existing.batch.push(queued.report);
                 existing.permit.merge(queued.permit);
+                existing.memory.merge(queued.memory);
                 existing
             }
             None => pending.insert(Pending {
                 batch: StatsBatch::new(vec![queued.report]),
                 permit: queued.permit,
+                memory: queued.memory,
                 flush_at: tokio::time::Instant::now() + self.batch_max_wait,
             }),
         }
@@ -484,6 +529,7 @@ impl Batcher {
         let in_flight = Arc::new(InFlight {
             batch: pending.batch,
             permit: Some(pending.permit),
+            _memory: pending.memory,
             permits: Arc::clone(&self.permits),
             capacity: self.capacity,
             metrics: Arc::clone(&self.metrics),

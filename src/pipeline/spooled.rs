@@ -10,8 +10,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{Delivered, Intake, PipelineOptions, ShutdownSummary, SinkHealth, SinkWorker};
+use crate::budget::MemoryBudget;
 use crate::metrics::Metrics;
-use crate::spool::{Spool, SpoolReader};
+use crate::spool::{BatchLimit, Spool, SpoolReader};
 
 pub struct SpooledPipeline {
     spool: Spool,
@@ -25,17 +26,27 @@ pub struct SpooledPipeline {
 }
 
 impl SpooledPipeline {
+    /// `budget` is what requests hold while they are read and appended; the sinks' replay batches
+    /// share `replay_bytes`, two batches per sink (one written while the next is read).
     pub fn start(
         sinks: Vec<Arc<dyn StatsSink>>,
         options: PipelineOptions,
         spool: Spool,
         metrics: Arc<Metrics>,
+        budget: MemoryBudget,
+        replay_bytes: u64,
     ) -> Self {
         let (closing, closing_rx) = watch::channel(false);
         let (give_up, give_up_rx) = watch::channel(false);
         let dropped_rows = Arc::new(AtomicU64::new(0));
         let names: Vec<&str> = sinks.iter().map(|sink| sink.name()).collect();
         let spool_readers = spool.readers(&names);
+        let limit = BatchLimit {
+            rows: options.batch_max_rows,
+            bytes: usize::try_from(replay_bytes / (2 * names.len().max(1) as u64))
+                .unwrap_or(usize::MAX)
+                .max(1),
+        };
         let mut states = Vec::new();
         let mut readers = Vec::new();
         for (sink, reader) in sinks.into_iter().zip(spool_readers) {
@@ -51,7 +62,7 @@ impl SpooledPipeline {
             readers.push(tokio::spawn(run(
                 worker,
                 reader,
-                options.batch_max_rows,
+                limit,
                 options.batch_max_wait,
                 closing_rx.clone(),
             )));
@@ -59,6 +70,7 @@ impl SpooledPipeline {
         let intake = Intake::Spool {
             appender: spool.appender(),
             metrics: Arc::clone(&metrics),
+            budget,
         };
         let health = SinkHealth {
             states: Arc::new(states),
@@ -128,11 +140,11 @@ impl SpooledPipeline {
 async fn run(
     worker: SinkWorker,
     mut reader: SpoolReader,
-    batch_max_rows: usize,
+    limit: BatchLimit,
     batch_max_wait: Duration,
     mut closing: watch::Receiver<bool>,
 ) {
-    let limits = (batch_max_rows, batch_max_wait);
+    let limits = (limit, batch_max_wait);
     let give_up = worker.give_up.clone();
     let mut pending = next_batch(&mut reader, limits, &mut closing, give_up.clone()).await;
     // The next batch is read and parsed while the current one is written: the sink never waits
@@ -161,12 +173,12 @@ async fn run(
 /// The reader's next batch, or `None` once closing is done or shutdown gave up.
 async fn next_batch(
     reader: &mut SpoolReader,
-    (max_rows, max_wait): (usize, Duration),
+    (limit, max_wait): (BatchLimit, Duration),
     closing: &mut watch::Receiver<bool>,
     mut give_up: watch::Receiver<bool>,
 ) -> Option<crate::spool::SpoolBatch> {
     tokio::select! {
-        next = reader.next_batch(max_rows, max_wait, closing) => next,
+        next = reader.next_batch(limit, max_wait, closing) => next,
         _ = give_up.wait_for(|given_up| *given_up) => None,
     }
 }

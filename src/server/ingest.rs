@@ -6,15 +6,16 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::Request;
 use kohaku_sink::OffsetDateTime;
 
 use super::{response, HttpResponse, Router};
+use crate::budget::{report_bytes, Held};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::pipeline::{AcceptError, Intake, SinkHealth, SubmitError};
 use crate::sora::{
@@ -40,6 +41,13 @@ pub struct IngestRouter {
     pub body_read_timeout: std::time::Duration,
     /// `server.webhook_path`.
     pub webhook_path: String,
+}
+
+/// Why a body was not read whole.
+enum ReadError {
+    TooLarge,
+    OutOfMemory,
+    Body(hyper::Error),
 }
 
 /// How a request's body is to be read, decided from its path and headers before it is read.
@@ -141,7 +149,9 @@ impl IngestRouter {
 
     /// Reads, parses and queues (or spools) one report; answers once it is accepted or refused.
     async fn ingest(&self, request: Request<Incoming>, expect: Expect) -> HttpResponse {
-        let body = match self.read_body(request).await {
+        let budget = self.intake.budget();
+        let mut memory = budget.nothing();
+        let body = match self.read_body(request, &mut memory).await {
             Ok(body) => body,
             Err(answer) => return answer,
         };
@@ -161,11 +171,22 @@ impl IngestRouter {
             Ok(parsed) => parsed,
             Err(invalid) => return refuse(StatusCode::BAD_REQUEST, &invalid.field, &invalid.error),
         };
+        // The parsed report is held beside the body until the body is dropped; the report's
+        // share goes with it into the queue.
+        let report_size = report_bytes(&report);
+        if !budget.try_grow(&mut memory, report_size) {
+            return self.out_of_memory();
+        }
+        let report_memory = memory.split(report_size);
         let protocol_name = protocol.as_str();
         let channel_id = report.connection.channel_id.clone();
         let connection_id = report.connection.connection_id.clone();
         let objects = report.row_count();
-        match self.intake.accept(report, body, protocol).await {
+        match self
+            .intake
+            .accept(report, body, protocol, report_memory)
+            .await
+        {
             Ok(()) => {
                 tracing::debug!(
                     protocol = protocol_name,
@@ -211,9 +232,14 @@ impl IngestRouter {
         }
     }
 
-    /// The whole body, within `server.max_body_bytes` and `server.body_read_timeout_secs`, or the
-    /// answer that refuses it.
-    async fn read_body(&self, request: Request<Incoming>) -> Result<Bytes, HttpResponse> {
+    /// The whole body, within `server.max_body_bytes`, `server.body_read_timeout_secs` and the
+    /// memory budget (whose bytes `memory` takes as the body arrives), or the answer that refuses
+    /// it.
+    async fn read_body(
+        &self,
+        request: Request<Incoming>,
+        memory: &mut Held,
+    ) -> Result<Bytes, HttpResponse> {
         let headers = request.headers();
         if let Some(content_type) = headers.get(CONTENT_TYPE) {
             if !is_json(content_type) {
@@ -234,23 +260,65 @@ impl IngestRouter {
         if declared_length.is_some_and(|length| length > self.max_body_bytes) {
             return Err(self.too_large());
         }
-
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let reading = Limited::new(request.into_body(), limit).collect();
-        let Ok(read) = tokio::time::timeout(self.body_read_timeout, reading).await else {
-            return Err(refuse(
-                StatusCode::REQUEST_TIMEOUT,
-                "body",
-                &format!(
-                    "the body did not arrive within {} s (server.body_read_timeout_secs)",
-                    self.body_read_timeout.as_secs()
-                ),
-            ));
+        let budget = self.intake.budget();
+        // A declared length is taken at once: a body that cannot fit is refused before it is
+        // read. Without one, each frame is taken as it arrives.
+        let declared = declared_length.and_then(|length| usize::try_from(length).ok());
+        if declared.is_some_and(|length| !budget.try_grow(memory, length)) {
+            return Err(self.out_of_memory());
+        }
+        // With a declared length the body goes into one buffer of exactly that size. Without,
+        // each frame is copied out (a frame hyper hands over shares, and keeps alive, a larger
+        // read buffer the budget does not see) and the copies joined once at the end: growing
+        // one buffer instead would reallocate it again and again, each time holding the old and
+        // the new copy at once.
+        let mut whole = BytesMut::with_capacity(declared.unwrap_or(0));
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut received = 0usize;
+        let mut body = request.into_body();
+        let reading = async {
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map_err(ReadError::Body)?.into_data() else {
+                    continue;
+                };
+                received += data.len();
+                if received > limit {
+                    return Err(ReadError::TooLarge);
+                }
+                if declared.is_some() && received <= whole.capacity() {
+                    whole.extend_from_slice(&data);
+                } else if budget.try_grow(memory, data.len()) {
+                    frames.push(Bytes::copy_from_slice(&data));
+                } else {
+                    return Err(ReadError::OutOfMemory);
+                }
+            }
+            Ok(())
         };
-        match read {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(self.too_large()),
-            Err(err) => {
+        match tokio::time::timeout(self.body_read_timeout, reading).await {
+            Ok(Ok(())) => {
+                if frames.is_empty() {
+                    return Ok(whole.freeze());
+                }
+                if whole.is_empty() && frames.len() == 1 {
+                    return Ok(frames.swap_remove(0));
+                }
+                // The joined copy lives beside the frames until they are dropped.
+                let copied: usize = frames.iter().map(Bytes::len).sum();
+                if !budget.try_grow(memory, received) {
+                    return Err(self.out_of_memory());
+                }
+                whole.reserve(received - whole.len());
+                for frame in frames.drain(..) {
+                    whole.extend_from_slice(&frame);
+                }
+                drop(memory.split(copied));
+                Ok(whole.freeze())
+            }
+            Ok(Err(ReadError::TooLarge)) => Err(self.too_large()),
+            Ok(Err(ReadError::OutOfMemory)) => Err(self.out_of_memory()),
+            Ok(Err(ReadError::Body(err))) => {
                 tracing::debug!(error = %err, "cannot read request body");
                 Err(refuse(
                     StatusCode::BAD_REQUEST,
@@ -258,7 +326,25 @@ impl IngestRouter {
                     &format!("cannot read the body: {err}"),
                 ))
             }
+            Err(_) => Err(refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "body",
+                &format!(
+                    "the body did not arrive within {} s (server.body_read_timeout_secs)",
+                    self.body_read_timeout.as_secs()
+                ),
+            )),
         }
+    }
+
+    fn out_of_memory(&self) -> HttpResponse {
+        unavailable(
+            "memory",
+            &format!(
+                "Kohaku holds as much report data as it may ({} bytes, pipeline.memory_max_bytes); retry later",
+                self.intake.budget().capacity()
+            ),
+        )
     }
 
     /// A webhook of a type Kohaku does not store: 200, so that Sora does not log a failed send

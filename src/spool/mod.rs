@@ -25,7 +25,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::sora::Protocol;
 use crate::sync::lock;
-pub use reader::{SpoolBatch, SpoolReader};
+pub use reader::{BatchLimit, SpoolBatch, SpoolReader};
 use record::{Format, HEADER_LEN, SEGMENT_MAGIC};
 
 const SEGMENT_SUFFIX: &str = ".seg";

@@ -11,11 +11,36 @@ use tokio::sync::watch;
 
 use super::record::{self, DecodeError, Format, HEADER_LEN, SEGMENT_MAGIC};
 use super::{Position, Shared, SinkProgress};
+use crate::budget::report_bytes;
 use crate::sync::{lock, sleep_until_some};
 
 /// Bytes read from a segment at once; a larger record is read whole.
 const READ_CHUNK: usize = 1 << 20;
 const CURSOR_MAGIC: &str = "kohaku-spool-cursor-v1";
+
+/// How much one batch read from the spool may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimit {
+    /// Stats objects (`pipeline.batch_max_rows`).
+    pub rows: usize,
+    /// Bytes of parsed reports ([`crate::budget::report_bytes`]): a backlog of large reports is
+    /// replayed in batches that fit the memory budget, not in `rows` of them at once.
+    pub bytes: usize,
+}
+
+impl BatchLimit {
+    fn is_full(&self, rows: usize, bytes: usize) -> bool {
+        rows >= self.rows || bytes >= self.bytes
+    }
+
+    /// What is left of the limit after `rows` and `bytes`; at least one report's worth.
+    fn room(&self, rows: usize, bytes: usize) -> Self {
+        Self {
+            rows: self.rows.saturating_sub(rows).max(1),
+            bytes: self.bytes.saturating_sub(bytes).max(1),
+        }
+    }
+}
 
 /// Reports read from the spool for one sink, and where the sink's cursor moves once it has stored
 /// them.
@@ -63,23 +88,25 @@ impl SpoolReader {
         }
     }
 
-    /// The next batch: up to `max_rows` stats objects, returned once full, once the first report
-    /// read has waited `max_wait` for company, or at once when replaying a backlog. `None` once
-    /// `closing` is set and everything written has been read.
+    /// The next batch: up to `limit` (the first report always fits), returned once full, once the
+    /// first report read has waited `max_wait` for company, or at once when replaying a backlog.
+    /// `None` once `closing` is set and everything written has been read.
     pub async fn next_batch(
         &mut self,
-        max_rows: usize,
+        limit: BatchLimit,
         max_wait: Duration,
         closing: &mut watch::Receiver<bool>,
     ) -> Option<SpoolBatch> {
         let mut batch = StatsBatch::default();
+        let mut bytes = 0;
         let mut flush_at: Option<tokio::time::Instant> = None;
         loop {
             let committed = *self.committed.borrow_and_update();
-            let room = max_rows.saturating_sub(batch.row_count()).max(1);
+            let room = limit.room(batch.row_count(), bytes);
             let (caught_up, read) = self.read(committed, room).await;
             if !read.is_empty() {
                 for report in read.reports() {
+                    bytes += report_bytes(report);
                     batch.push(Arc::clone(report));
                 }
                 if flush_at.is_none() {
@@ -89,7 +116,7 @@ impl SpoolReader {
             }
             let end = self.position();
             let moved = end != self.acked();
-            if !caught_up || batch.row_count() >= max_rows {
+            if !caught_up || limit.is_full(batch.row_count(), bytes) {
                 // The batch is full: a backlog is written without waiting.
                 return Some(SpoolBatch { batch, end });
             }
@@ -140,12 +167,12 @@ impl SpoolReader {
     }
 
     /// Reads on a blocking thread. Returns whether everything committed has been read.
-    async fn read(&mut self, committed: Position, max_rows: usize) -> (bool, StatsBatch) {
+    async fn read(&mut self, committed: Position, limit: BatchLimit) -> (bool, StatsBatch) {
         let Some(mut cursor) = self.cursor.take() else {
             return (true, StatsBatch::default());
         };
         let joined = tokio::task::spawn_blocking(move || {
-            let result = cursor.read(committed, max_rows.max(1));
+            let result = cursor.read(committed, limit);
             (cursor, result)
         })
         .await;
@@ -192,13 +219,14 @@ impl SpoolReader {
 }
 
 impl Cursor {
-    fn read(&mut self, committed: Position, max_rows: usize) -> (bool, StatsBatch) {
+    fn read(&mut self, committed: Position, limit: BatchLimit) -> (bool, StatsBatch) {
         let mut batch = StatsBatch::default();
+        let mut bytes = 0;
         loop {
             if self.position >= committed {
                 return (true, batch);
             }
-            if batch.row_count() >= max_rows {
+            if limit.is_full(batch.row_count(), bytes) {
                 return (false, batch);
             }
             let sealed = self.position.segment < committed.segment;
@@ -208,7 +236,7 @@ impl Cursor {
                 }
                 continue;
             };
-            let limit = if sealed {
+            let segment_end = if sealed {
                 match file.metadata() {
                     Ok(meta) => meta.len(),
                     Err(err) => {
@@ -219,13 +247,13 @@ impl Cursor {
             } else {
                 committed.offset
             };
-            if self.position.offset >= limit {
+            if self.position.offset >= segment_end {
                 if !self.next_segment(committed) {
                     return (true, batch);
                 }
                 continue;
             }
-            let mut wanted = (limit - self.position.offset).min(READ_CHUNK as u64) as usize;
+            let mut wanted = (segment_end - self.position.offset).min(READ_CHUNK as u64) as usize;
             loop {
                 self.buffer.resize(wanted, 0);
                 let Some((_, file, _)) = &self.file else {
@@ -235,10 +263,11 @@ impl Cursor {
                     self.skip_segment(&format!("cannot read: {err}"));
                     break;
                 }
-                match self.decode_buffer(&mut batch, max_rows) {
+                match self.decode_buffer(&mut batch, &mut bytes, limit) {
                     Ok(()) => break,
                     Err(DecodeError::Torn { needed, .. })
-                        if needed > wanted && self.position.offset + needed as u64 <= limit =>
+                        if needed > wanted
+                            && self.position.offset + needed as u64 <= segment_end =>
                     {
                         wanted = needed;
                     }
@@ -255,14 +284,15 @@ impl Cursor {
     fn decode_buffer(
         &mut self,
         batch: &mut StatsBatch,
-        max_rows: usize,
+        bytes: &mut usize,
+        limit: BatchLimit,
     ) -> Result<(), DecodeError> {
         let format = self
             .file
             .as_ref()
             .map_or(Format::V2, |(_, _, format)| *format);
         let mut at = 0;
-        while batch.row_count() < max_rows {
+        while !limit.is_full(batch.row_count(), *bytes) {
             let decoded = record::decode(&self.buffer[at..], format);
             let (record, len) = match decoded {
                 Ok(None) => return Ok(()),
@@ -272,7 +302,10 @@ impl Cursor {
                 Err(err) => return Err(err),
             };
             match crate::sora::parse_spooled(record.protocol, record.body, record.received_at) {
-                Ok(report) => batch.push(Arc::new(report)),
+                Ok(report) => {
+                    *bytes += report_bytes(&report);
+                    batch.push(Arc::new(report));
+                }
                 Err(invalid) => tracing::error!(
                     sink = self.sink,
                     segment = self.position.segment,

@@ -23,6 +23,14 @@ fn body(seed: u64, objects: usize) -> Bytes {
     ))
 }
 
+/// A batch limit of `rows` stats objects, whatever their size.
+fn rows(rows: usize) -> BatchLimit {
+    BatchLimit {
+        rows,
+        bytes: usize::MAX,
+    }
+}
+
 fn options(dir: &Path, max_bytes: u64) -> SpoolOptions {
     SpoolOptions {
         dir: dir.to_path_buf(),
@@ -39,7 +47,7 @@ async fn drain(reader: &mut SpoolReader) -> Vec<String> {
     loop {
         let next = tokio::time::timeout(
             Duration::from_millis(300),
-            reader.next_batch(7, Duration::from_millis(5), &mut closing_rx),
+            reader.next_batch(rows(7), Duration::from_millis(5), &mut closing_rx),
         )
         .await;
         let Ok(Some(next)) = next else { return seen };
@@ -244,7 +252,7 @@ async fn webhook_records_and_segments_of_the_first_format_replay_after_an_upgrad
     let mut reports = Vec::new();
     while let Ok(Some(next)) = tokio::time::timeout(
         Duration::from_millis(300),
-        reader.next_batch(100, Duration::from_millis(5), &mut closing_rx),
+        reader.next_batch(rows(100), Duration::from_millis(5), &mut closing_rx),
     )
     .await
     {
@@ -504,4 +512,56 @@ fn a_request_is_acknowledged_only_for_its_own_written_bytes() {
         segment_bytes_on_disk(&dir),
         "nothing counted that is not on disk"
     );
+}
+
+#[tokio::test]
+async fn a_backlog_of_large_reports_is_read_in_batches_cut_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&options(dir.path(), 16 << 20)).unwrap();
+    let appender = spool.appender();
+    for seed in 0..10 {
+        appender
+            .append(
+                OffsetDateTime::now_utc(),
+                Protocol::Exporter,
+                body(seed, 40),
+            )
+            .await
+            .unwrap();
+    }
+    let one_report = crate::budget::report_bytes(
+        &crate::sora::parse_report(&body(0, 40), OffsetDateTime::now_utc()).unwrap(),
+    );
+    let [mut reader] = readers(&spool, ["only"]);
+    let (_closing, mut closing_rx) = watch::channel(false);
+    let limit = BatchLimit {
+        rows: 10_000,
+        bytes: 3 * one_report,
+    };
+    let mut sizes = Vec::new();
+    while let Ok(Some(next)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        reader.next_batch(limit, Duration::from_millis(5), &mut closing_rx),
+    )
+    .await
+    {
+        sizes.push(next.batch.reports().len());
+        reader.ack(next.end).await;
+    }
+    assert_eq!(sizes.iter().sum::<usize>(), 10);
+    assert!(sizes.iter().all(|size| *size <= 3), "{sizes:?}");
+    // A report larger than the whole limit still goes, alone.
+    let limit = BatchLimit {
+        rows: 10_000,
+        bytes: 1,
+    };
+    appender
+        .append(OffsetDateTime::now_utc(), Protocol::Exporter, body(11, 40))
+        .await
+        .unwrap();
+    let next = reader
+        .next_batch(limit, Duration::from_millis(5), &mut closing_rx)
+        .await
+        .unwrap();
+    assert_eq!(next.batch.reports().len(), 1);
 }
