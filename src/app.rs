@@ -20,6 +20,34 @@ use crate::server::ingest::IngestRouter;
 use crate::server::{tls, HttpLimits, Server};
 use crate::spool::{Spool, SpoolError};
 
+/// Scrapers and health probes; a few at a time in any real deployment.
+const EXPORTER_MAX_CONNECTIONS: usize = 64;
+
+/// Files Kohaku opens besides connections (databases, spool segments, logs, the exporter's
+/// connections), kept free under the open-file limit.
+const FILES_BESIDES_CONNECTIONS: u64 = 128;
+
+/// `server.max_connections` above what the process may open would let connections use up the
+/// descriptors the databases, the spool and the logs need: say so at start-up.
+fn warn_if_connections_exceed_open_files(max_connections: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let open_files = limit.rlim_cur;
+    if max_connections.saturating_add(FILES_BESIDES_CONNECTIONS) > open_files {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = open_files,
+            "server.max_connections is close to or above the open-file limit (ulimit -n): raise the limit (e.g. LimitNOFILE= in the systemd unit) or lower server.max_connections"
+        );
+    }
+}
+
 /// The exporter only answers scrapes; it need not wait long for them at shutdown.
 const EXPORTER_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -109,7 +137,9 @@ impl App {
             max_frame_size: config.server.http2_max_read_frame_size,
             idle_timeout: (config.server.http2_idle_timeout > 0)
                 .then(|| Duration::from_secs(config.server.http2_idle_timeout)),
+            max_connections: usize::try_from(config.server.max_connections).unwrap_or(usize::MAX),
         };
+        warn_if_connections_exceed_open_files(config.server.max_connections);
         let ingest_server = Server::start(
             "ingest",
             ingest_listener,
@@ -137,7 +167,10 @@ impl App {
             exporter_listener,
             exporter_tls,
             exporter_router,
-            limits,
+            HttpLimits {
+                max_connections: EXPORTER_MAX_CONNECTIONS,
+                ..limits
+            },
         )
         .map_err(|source| StartError::Bind {
             key: "exporter.listen_addr/listen_port",

@@ -120,6 +120,8 @@ pub struct ServerConfig {
     /// Where Sora's stats webhook posts (`stats_webhook_url` in sora.conf), over HTTP/1.1 or
     /// HTTP/2. The default is the path of Sora's documented example URL.
     pub webhook_path: String,
+    /// Connections open at once on the ingest listener; beyond it new ones are closed at once.
+    pub max_connections: u64,
 }
 
 impl Default for ServerConfig {
@@ -137,6 +139,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 * 1024 * 1024,
             body_read_timeout_secs: 30,
             webhook_path: DEFAULT_WEBHOOK_PATH.to_owned(),
+            max_connections: 512,
         }
     }
 }
@@ -516,6 +519,12 @@ impl Config {
                     H2_FRAME_SIZE_RANGE.start(),
                     H2_FRAME_SIZE_RANGE.end()
                 ),
+            ));
+        }
+        if server.max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "must be at least 1".into(),
             ));
         }
         if server.max_body_bytes == 0 {

@@ -32,6 +32,17 @@ fn sqlite_config(dir: &Path, spool: bool) -> Config {
     config
 }
 
+/// Rows in `rtc_stats`, or `None` while the file or its schema is still being made (read-only:
+/// the test must not create the file itself).
+fn count_if_ready(db: &Path) -> Option<i64> {
+    let connection =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .ok()?;
+    connection
+        .query_row("SELECT count(*) FROM rtc_stats", [], |row| row.get(0))
+        .ok()
+}
+
 fn connections(db: &Path) -> BTreeSet<String> {
     sqlite_rows(db)
         .into_iter()
@@ -73,7 +84,7 @@ async fn deleted_database_file(spool: bool) {
     }
     let expected = (acknowledged.len() * OBJECTS) as i64;
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !(db.exists() && sqlite_count(&db, "SELECT count(*) FROM rtc_stats") >= expected) {
+    while count_if_ready(&db).is_none_or(|count| count < expected) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the new file never got the rows"
@@ -128,4 +139,66 @@ fn sigbus_leaves_a_log_line_saying_why() {
         .expect("a JSON line");
     assert_eq!(last["level"], "ERROR");
     assert_contains(last["message"].as_str().unwrap(), "SIGBUS");
+}
+
+/// Reads what the server sends until it closes the connection; false if it is still open after
+/// `within`.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Clients that open connections and then neither send nor answer (not even HTTP/2's PING after
+/// GOAWAY) used to hold them forever, and with them the process's file descriptors, until a
+/// valid sender was locked out. Now they are cut off after the idle timeout and a grace period,
+/// and connections beyond `server.max_connections` are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_cut_off_and_their_number_is_bounded() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = sqlite_config(dir.path(), false);
+    config.server.http2_idle_timeout = 1;
+    config.server.max_connections = 3;
+    let app = start(&config, build_sinks(&config).await).await;
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(app.ingest_addr())
+            .await
+            .unwrap();
+        // The HTTP/2 preface and an empty SETTINGS frame, then nothing: no ACK, no PING reply.
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        silent.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over_the_limit = tokio::net::TcpStream::connect(app.ingest_addr())
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut over_the_limit, Duration::from_secs(2)).await,
+        "a connection beyond server.max_connections is closed at once"
+    );
+    for stream in &mut silent {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(6)).await,
+            "a silent connection is cut off after the idle timeout and its grace"
+        );
+    }
+    // The slots are free again for a real sender.
+    let client = H2::connect(app.ingest_addr()).await;
+    let answer = client
+        .post_report(small_report(1, OBJECTS).to_string())
+        .await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    app.shutdown().await;
 }

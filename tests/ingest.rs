@@ -769,3 +769,35 @@ async fn idle_connections_are_closed() {
     );
     app.shutdown().await;
 }
+
+/// `GET /.ok` polled hard (here 200 requests at once) costs one probe of the store, not one per
+/// request: a probe of a locked SQLite holds a thread for its busy timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_health_checks_share_one_probe() {
+    let sink = ControlledSink::new("probed");
+    let app = start(&test_config(), vec![sink.clone() as Arc<dyn StatsSink>]).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let mut checks = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let client = client.clone();
+        checks.spawn(async move { client.get("/.ok").await.status });
+    }
+    while let Some(status) = checks.join_next().await {
+        assert_eq!(status.unwrap(), StatusCode::OK);
+    }
+    assert!(
+        sink.health_calls() <= 3,
+        "{} probes for 200 checks",
+        sink.health_calls()
+    );
+    // Every answer comes from a probe started after the request: a failure shows at once.
+    sink.set_failing(true);
+    let answer = client.get("/.ok").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        answer.text()
+    );
+    app.shutdown().await;
+}

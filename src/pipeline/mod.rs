@@ -266,6 +266,28 @@ pub struct SinkHealth {
     states: Arc<Vec<Arc<SinkState>>>,
     metrics: Arc<Metrics>,
     spool: Option<SpoolMonitor>,
+    /// The last probes' answer and when they started; the lock makes probes single-flight.
+    last_check: Arc<tokio::sync::Mutex<Option<LastCheck>>>,
+}
+
+struct LastCheck {
+    started: Instant,
+    statuses: Vec<SinkStatus>,
+}
+
+impl SinkHealth {
+    fn new(
+        states: Vec<Arc<SinkState>>,
+        metrics: Arc<Metrics>,
+        spool: Option<SpoolMonitor>,
+    ) -> Self {
+        Self {
+            states: Arc::new(states),
+            metrics,
+            spool,
+            last_check: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
 }
 
 impl SinkHealth {
@@ -277,9 +299,27 @@ impl SinkHealth {
         Arc::clone(&self.metrics)
     }
 
-    /// Probes every sink concurrently. A sink whose writes are failing is unhealthy even if a
-    /// probe happens to pass.
+    /// Every sink's status, from probes started after this call: one probe per sink at a time,
+    /// whose answer every caller that was waiting for it shares. A load balancer polling `/.ok`
+    /// hard, or many requests at once, then costs a probe or two, not one per request (a probe of
+    /// a locked SQLite holds a thread for its busy timeout). A sink whose writes are failing is
+    /// unhealthy even if a probe happens to pass.
     pub async fn check(&self) -> Vec<SinkStatus> {
+        let asked = Instant::now();
+        let mut last = self.last_check.lock().await;
+        if let Some(last) = last.as_ref().filter(|last| last.started >= asked) {
+            return last.statuses.clone();
+        }
+        let started = Instant::now();
+        let statuses = self.probe_all().await;
+        *last = Some(LastCheck {
+            started,
+            statuses: statuses.clone(),
+        });
+        statuses
+    }
+
+    async fn probe_all(&self) -> Vec<SinkStatus> {
         let mut probes = tokio::task::JoinSet::new();
         for (index, state) in self.states.iter().enumerate() {
             let state = Arc::clone(state);
@@ -396,11 +436,7 @@ impl Pipeline {
                 metrics: Arc::clone(&metrics),
                 budget,
             },
-            health: SinkHealth {
-                states: Arc::new(states),
-                metrics,
-                spool: None,
-            },
+            health: SinkHealth::new(states, metrics, None),
             closing,
             give_up,
             batcher,

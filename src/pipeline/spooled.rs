@@ -72,11 +72,7 @@ impl SpooledPipeline {
             metrics: Arc::clone(&metrics),
             budget,
         };
-        let health = SinkHealth {
-            states: Arc::new(states),
-            metrics,
-            spool: Some(spool.monitor()),
-        };
+        let health = SinkHealth::new(states, metrics, Some(spool.monitor()));
         Self {
             spool,
             intake,

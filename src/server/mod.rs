@@ -49,7 +49,16 @@ pub struct HttpLimits {
     pub max_frame_size: u32,
     /// Close a connection without requests for this long; `None` keeps it open.
     pub idle_timeout: Option<Duration>,
+    /// Connections open at once; a new one beyond it is closed at once, so that idle or
+    /// misbehaving clients cannot use up the process's file descriptors.
+    pub max_connections: usize,
 }
+
+/// How long a connection told to close (idle, or shutting down) may take to finish its open
+/// requests and acknowledge; a client that never answers is then cut off.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// New connections refused at the limit, logged per second at most.
+static REFUSED_CONNECTIONS_LOGGED: crate::logging::RateLimit = crate::logging::RateLimit::new(1);
 
 /// A running listener.
 pub struct Server {
@@ -90,6 +99,8 @@ impl Server {
             tls: tls.map(TlsAcceptor::from),
             idle_timeout: limits.idle_timeout,
             name,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+            max_connections: limits.max_connections,
         });
         let accept_loop = tokio::spawn(accept_loop(listener, context, shutdown_rx, alive));
         Ok(Self {
@@ -132,6 +143,9 @@ struct ConnectionContext {
     tls: Option<TlsAcceptor>,
     idle_timeout: Option<Duration>,
     name: &'static str,
+    /// One permit per open connection.
+    slots: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
 }
 
 async fn accept_loop(
@@ -147,13 +161,26 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = Arc::clone(&context.slots).try_acquire_owned() else {
+                    if let Some(suppressed) = REFUSED_CONNECTIONS_LOGGED.admit() {
+                        tracing::warn!(
+                            listener = context.name,
+                            %peer,
+                            max_connections = context.max_connections,
+                            suppressed_since_last = suppressed,
+                            "connection limit reached; closing the new connection"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_tcp(
                     stream,
                     peer,
                     Arc::clone(&context),
                     shutdown.clone(),
-                    alive.clone(),
+                    (alive.clone(), slot),
                 ));
             }
             Err(err) => {
@@ -165,12 +192,14 @@ async fn accept_loop(
     }
 }
 
+/// `held` lives as long as the connection: the server's count of open connections and the
+/// connection's slot under `max_connections`.
 async fn serve_tcp(
     stream: TcpStream,
     peer: SocketAddr,
     context: Arc<ConnectionContext>,
     shutdown: watch::Receiver<bool>,
-    alive: mpsc::Sender<()>,
+    held: (mpsc::Sender<()>, tokio::sync::OwnedSemaphorePermit),
 ) {
     match &context.tls {
         None => serve_connection(stream, peer, &context, shutdown).await,
@@ -190,7 +219,7 @@ async fn serve_tcp(
             }
         }
     }
-    drop(alive);
+    drop(held);
 }
 
 /// Requests in progress on one connection, and when the last one ended.
@@ -261,8 +290,12 @@ async fn serve_connection<I>(
     });
     let mut idle_check = tokio::time::interval(check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut closing = false;
+    // Set once the connection is told to close: a client that neither finishes nor answers
+    // HTTP/2's GOAWAY and PING would otherwise hold it (and a file descriptor) forever.
+    let mut cut_off_at: Option<tokio::time::Instant> = None;
+    let grace = idle_timeout.map_or(CLOSE_GRACE, |idle| idle.min(CLOSE_GRACE));
     loop {
+        let closing = cut_off_at.is_some();
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(err) = result {
@@ -271,17 +304,21 @@ async fn serve_connection<I>(
                 break;
             }
             _ = shutdown.wait_for(|stop| *stop), if !closing => {
-                closing = true;
+                cut_off_at = Some(tokio::time::Instant::now() + CLOSE_GRACE);
                 connection.as_mut().graceful_shutdown();
             }
             _ = idle_check.tick(), if !closing && idle_timeout.is_some() => {
                 if let (Some(idle), Some(limit)) = (activity.idle_for(), idle_timeout) {
                     if idle >= limit {
                         tracing::debug!(listener = context.name, %peer, idle_secs = idle.as_secs(), "closing idle connection");
-                        closing = true;
+                        cut_off_at = Some(tokio::time::Instant::now() + grace);
                         connection.as_mut().graceful_shutdown();
                     }
                 }
+            }
+            () = crate::sync::sleep_until_some(cut_off_at) => {
+                tracing::debug!(listener = context.name, %peer, "connection did not close in time after being told to; cutting it off");
+                break;
             }
         }
     }

@@ -27,6 +27,7 @@ pub struct ControlledSink {
     failing: AtomicBool,
     refused_connection: Mutex<Option<String>>,
     write_calls: AtomicU64,
+    health_calls: AtomicU64,
     rows: Mutex<HashMap<RowKey, String>>,
 }
 
@@ -38,6 +39,7 @@ impl ControlledSink {
             failing: AtomicBool::new(false),
             refused_connection: Mutex::new(None),
             write_calls: AtomicU64::new(0),
+            health_calls: AtomicU64::new(0),
             rows: Mutex::new(HashMap::new()),
         })
     }
@@ -66,6 +68,11 @@ impl ControlledSink {
 
     pub fn write_calls(&self) -> u64 {
         self.write_calls.load(Ordering::SeqCst)
+    }
+
+    /// How often [`StatsSink::health`] was called.
+    pub fn health_calls(&self) -> u64 {
+        self.health_calls.load(Ordering::SeqCst)
     }
 
     /// Distinct rows stored so far.
@@ -168,6 +175,9 @@ impl StatsSink for ControlledSink {
     }
 
     async fn health(&self) -> Result<(), SinkError> {
+        self.health_calls.fetch_add(1, Ordering::SeqCst);
+        // As slow as a real store's probe, so that concurrent checks overlap.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         self.check_failing()
     }
 }
