@@ -227,9 +227,23 @@ async fn webhooks_reach_postgres_with_their_group_and_a_later_import_adds_nothin
 /// problem; once INSERT is granted again every acknowledged object is stored, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_privilege_is_retried_until_granted_and_loses_nothing() {
-    let (admin, url) = testkit::fresh_database_owned_by("revoke", "kohaku_revoke").await;
+    revoked_privilege("kohaku_revoke", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_privilege_is_retried_until_granted_and_loses_nothing_with_the_spool() {
+    let spool = tempfile::tempdir().unwrap();
+    revoked_privilege("kohaku_revoke_spool", Some(spool.path())).await;
+}
+
+async fn revoked_privilege(role: &str, spool: Option<&std::path::Path>) {
+    let (admin, url) = testkit::fresh_database_owned_by(role, role).await;
     let mut config = postgres_only(&url);
     config.pipeline.retry_max_backoff_ms = 200;
+    config.spool = spool.map(|dir| kohaku::config::SpoolConfig {
+        dir: dir.to_path_buf(),
+        ..kohaku::config::SpoolConfig::default()
+    });
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;
     let exporter = H2::connect(app.exporter_addr()).await;
@@ -255,7 +269,7 @@ async fn a_revoked_privilege_is_retried_until_granted_and_loses_nothing() {
         acknowledged
     );
 
-    testkit::execute(&admin, "REVOKE INSERT ON rtc_stats FROM kohaku_revoke")
+    testkit::execute(&admin, &format!("REVOKE INSERT ON rtc_stats FROM {role}"))
         .await
         .unwrap();
     acknowledged += send(10..40).await;
@@ -282,7 +296,7 @@ async fn a_revoked_privilege_is_retried_until_granted_and_loses_nothing() {
         "nothing given up while the privilege is missing"
     );
 
-    testkit::execute(&admin, "GRANT INSERT ON rtc_stats TO kohaku_revoke")
+    testkit::execute(&admin, &format!("GRANT INSERT ON rtc_stats TO {role}"))
         .await
         .unwrap();
     assert_eq!(
