@@ -4,10 +4,11 @@
 //! instead of the queue. A request that would exceed the budget is answered 503 at once: memory
 //! stays bounded in bytes, whatever the size of the reports or the number of streams.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use kohaku_sink::Report;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 /// What a parsed stats object costs beyond its JSON text: its id and type strings and the
 /// struct and allocation overheads, rounded up (measured: ~90 bytes on 64-bit).
@@ -16,88 +17,135 @@ const OBJECT_OVERHEAD: usize = 128;
 const REPORT_OVERHEAD: usize = 512;
 
 /// Bytes of report data in memory, shared by everything that holds some. Cheap to clone.
+///
+/// A counter rather than a semaphore: every request takes and gives back bytes, and a
+/// semaphore's release takes a lock that 160 concurrent streams contend on (measured: −15 % of
+/// HTTP/2 ingest). Only the importer waits for bytes, so only it pays for being woken.
 #[derive(Clone)]
 pub struct MemoryBudget {
-    semaphore: Arc<Semaphore>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     capacity: usize,
+    used: AtomicUsize,
+    /// Callers of [`MemoryBudget::take_waiting`] waiting now; releases notify only then.
+    waiting: AtomicUsize,
+    released: Notify,
 }
 
 /// Bytes taken from a [`MemoryBudget`], given back when dropped.
-pub struct Held(OwnedSemaphorePermit);
+pub struct Held {
+    inner: Arc<Inner>,
+    bytes: usize,
+}
 
 impl MemoryBudget {
     pub fn new(capacity: u64) -> Self {
-        let capacity = usize::try_from(capacity)
-            .unwrap_or(usize::MAX)
-            .min(Semaphore::MAX_PERMITS);
         Self {
-            semaphore: Arc::new(Semaphore::new(capacity)),
-            capacity,
+            inner: Arc::new(Inner {
+                capacity: usize::try_from(capacity).unwrap_or(usize::MAX),
+                used: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+                released: Notify::new(),
+            }),
         }
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity as u64
+        self.inner.capacity as u64
     }
 
     /// Bytes held right now.
     pub fn used(&self) -> u64 {
-        self.capacity
-            .saturating_sub(self.semaphore.available_permits()) as u64
+        self.inner.used.load(Ordering::Relaxed) as u64
     }
 
     /// Nothing yet: a [`Held`] to grow.
     pub fn nothing(&self) -> Held {
-        match Arc::clone(&self.semaphore).try_acquire_many_owned(0) {
-            Ok(permit) => Held(permit),
-            // Zero permits are always available; only a closed semaphore refuses, and this one
-            // is never closed.
-            Err(_) => unreachable!("the budget's semaphore is never closed"),
+        Held {
+            inner: Arc::clone(&self.inner),
+            bytes: 0,
         }
     }
 
     /// Takes `bytes` more into `held`, or nothing and `false` when the budget has not that much
     /// left.
     pub fn try_grow(&self, held: &mut Held, bytes: usize) -> bool {
-        let Ok(wanted) = u32::try_from(bytes) else {
-            return false;
-        };
-        match Arc::clone(&self.semaphore).try_acquire_many_owned(wanted) {
-            Ok(more) => {
-                held.0.merge(more);
-                true
-            }
-            Err(_) => false,
+        if self.inner.try_take(bytes) {
+            held.bytes += bytes;
+            true
+        } else {
+            false
         }
     }
 
     /// Takes `bytes` (at most the whole budget), waiting until they are free: for callers that
     /// can wait, such as the importer.
     pub async fn take_waiting(&self, bytes: usize) -> Held {
-        let wanted = u32::try_from(bytes.min(self.capacity)).unwrap_or(u32::MAX);
-        match Arc::clone(&self.semaphore).acquire_many_owned(wanted).await {
-            Ok(permit) => Held(permit),
-            Err(_) => unreachable!("the budget's semaphore is never closed"),
+        let bytes = bytes.min(self.inner.capacity);
+        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let released = self.inner.released.notified();
+            if self.inner.try_take(bytes) {
+                break;
+            }
+            released.await;
+        }
+        self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        Held {
+            inner: Arc::clone(&self.inner),
+            bytes,
+        }
+    }
+}
+
+impl Inner {
+    fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes)
+                    .filter(|total| *total <= self.capacity)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.released.notify_waiters();
         }
     }
 }
 
 impl Held {
     pub fn bytes(&self) -> usize {
-        self.0.num_permits()
+        self.bytes
     }
 
     /// Moves `bytes` of what is held into a [`Held`] of its own (all of it when it holds less).
     pub fn split(&mut self, bytes: usize) -> Held {
-        let bytes = bytes.min(self.bytes());
-        match self.0.split(bytes) {
-            Some(part) => Held(part),
-            None => unreachable!("split within what is held"),
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Held {
+            inner: Arc::clone(&self.inner),
+            bytes,
         }
     }
 
-    pub fn merge(&mut self, other: Held) {
-        self.0.merge(other.0);
+    /// Takes over what `other` holds. Both must come from the same budget.
+    pub fn merge(&mut self, mut other: Held) {
+        debug_assert!(Arc::ptr_eq(&self.inner, &other.inner));
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.inner.give_back(self.bytes);
     }
 }
 
@@ -141,9 +189,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_waiting_take_gets_at_most_the_whole_budget() {
+    async fn a_waiting_take_gets_at_most_the_whole_budget_once_it_is_given_back() {
         let budget = MemoryBudget::new(100);
         let held = budget.take_waiting(1_000).await;
         assert_eq!(held.bytes(), 100);
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.take_waiting(60).await.bytes() }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "waits while the budget is spent");
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), 60);
+        assert_eq!(budget.used(), 0);
     }
 }
