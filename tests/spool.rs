@@ -66,6 +66,25 @@ impl Acknowledged {
     }
 }
 
+/// Sends reports until one is refused with 503: what was acknowledged, the refusal, and the seed
+/// of the refused report.
+async fn send_until_refused(client: &H2) -> (Acknowledged, Answer, u64) {
+    let mut acknowledged = Acknowledged::default();
+    for seed in 0..10_000 {
+        let answer = client
+            .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
+            .await;
+        match answer.status {
+            StatusCode::NO_CONTENT => {
+                acknowledged.0.insert(sora_id(seed));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => return (acknowledged, answer, seed),
+            other => panic!("unexpected {other}: {}", answer.text()),
+        }
+    }
+    panic!("10,000 reports and no 503");
+}
+
 fn stored_connections(db: &Path) -> BTreeSet<String> {
     sqlite_rows(db)
         .into_iter()
@@ -83,22 +102,7 @@ async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged
     let exporter = H2::connect(app.exporter_addr()).await;
 
     let lock = WriteLock::take(&db);
-    let mut acknowledged = Acknowledged::default();
-    let mut seed = 0;
-    let refused = loop {
-        let answer = client
-            .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
-            .await;
-        match answer.status {
-            StatusCode::NO_CONTENT => {
-                acknowledged.0.insert(sora_id(seed));
-            }
-            StatusCode::SERVICE_UNAVAILABLE => break answer,
-            other => panic!("unexpected {other}: {}", answer.text()),
-        }
-        seed += 1;
-        assert!(seed < 10_000, "the spool never filled");
-    };
+    let (acknowledged, refused, seed) = send_until_refused(&client).await;
     assert_eq!(refused.json()["field"], "spool", "{}", refused.text());
     assert_contains(&refused.json()["error"].to_string(), "spool.max_bytes");
     assert_eq!(refused.headers["retry-after"], "1");
@@ -292,22 +296,7 @@ async fn a_full_disk_under_the_spool_refuses_what_it_cannot_write_and_recovers()
     let filler = filesystem.fill_leaving(96 * 1024);
     let lock = WriteLock::take(&db);
 
-    let mut acknowledged = Acknowledged::default();
-    let mut seed = 0;
-    let refused = loop {
-        let answer = client
-            .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
-            .await;
-        match answer.status {
-            StatusCode::NO_CONTENT => {
-                acknowledged.0.insert(sora_id(seed));
-            }
-            StatusCode::SERVICE_UNAVAILABLE => break answer,
-            other => panic!("unexpected {other}: {}", answer.text()),
-        }
-        seed += 1;
-        assert!(seed < 10_000, "the disk never filled");
-    };
+    let (mut acknowledged, refused, mut seed) = send_until_refused(&client).await;
     assert_eq!(refused.json()["field"], "spool");
     assert_contains(&refused.text(), "cannot write the spool");
     let health = wait_for_health(&exporter, StatusCode::SERVICE_UNAVAILABLE, HEALTH_WAIT).await;

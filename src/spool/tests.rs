@@ -42,20 +42,31 @@ fn options(dir: &Path, max_bytes: u64) -> SpoolOptions {
 /// Everything the reader yields until it has caught up, acknowledging each batch. Returns the
 /// connection ids in order.
 async fn drain(reader: &mut SpoolReader) -> Vec<String> {
+    drain_batches(reader, rows(7))
+        .await
+        .iter()
+        .flatten()
+        .map(|report| report.connection.connection_id.clone())
+        .collect()
+}
+
+/// Every batch the reader yields within `limit` until it has caught up, acknowledging each.
+async fn drain_batches(
+    reader: &mut SpoolReader,
+    limit: BatchLimit,
+) -> Vec<Vec<Arc<kohaku_sink::Report>>> {
     let (_closing, mut closing_rx) = watch::channel(false);
-    let mut seen = Vec::new();
-    loop {
-        let next = tokio::time::timeout(
-            Duration::from_millis(300),
-            reader.next_batch(rows(7), Duration::from_millis(5), &mut closing_rx),
-        )
-        .await;
-        let Ok(Some(next)) = next else { return seen };
-        for report in next.batch.reports() {
-            seen.push(report.connection.connection_id.clone());
-        }
+    let mut batches = Vec::new();
+    while let Ok(Some(next)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        reader.next_batch(limit, Duration::from_millis(5), &mut closing_rx),
+    )
+    .await
+    {
+        batches.push(next.batch.reports().to_vec());
         reader.ack(next.end).await;
     }
+    batches
 }
 
 fn readers<const N: usize>(spool: &Spool, sinks: [&str; N]) -> [SpoolReader; N] {
@@ -248,17 +259,11 @@ async fn webhook_records_and_segments_of_the_first_format_replay_after_an_upgrad
         .await
         .unwrap();
     let [mut reader] = readers(&spool, ["only"]);
-    let (_closing, mut closing_rx) = watch::channel(false);
-    let mut reports = Vec::new();
-    while let Ok(Some(next)) = tokio::time::timeout(
-        Duration::from_millis(300),
-        reader.next_batch(rows(100), Duration::from_millis(5), &mut closing_rx),
-    )
-    .await
-    {
-        reports.extend(next.batch.reports().iter().cloned());
-        reader.ack(next.end).await;
-    }
+    let reports: Vec<_> = drain_batches(&mut reader, rows(100))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let seen: Vec<(String, Option<String>, usize)> = reports
         .iter()
         .map(|report| {
@@ -538,16 +543,11 @@ async fn a_backlog_of_large_reports_is_read_in_batches_cut_by_bytes() {
         rows: 10_000,
         bytes: 3 * one_report,
     };
-    let mut sizes = Vec::new();
-    while let Ok(Some(next)) = tokio::time::timeout(
-        Duration::from_millis(300),
-        reader.next_batch(limit, Duration::from_millis(5), &mut closing_rx),
-    )
-    .await
-    {
-        sizes.push(next.batch.reports().len());
-        reader.ack(next.end).await;
-    }
+    let sizes: Vec<usize> = drain_batches(&mut reader, limit)
+        .await
+        .iter()
+        .map(Vec::len)
+        .collect();
     assert_eq!(sizes.iter().sum::<usize>(), 10);
     assert!(sizes.iter().all(|size| *size <= 3), "{sizes:?}");
     // A report larger than the whole limit still goes, alone.
