@@ -335,6 +335,23 @@ pub struct TimescaleSinkConfig {
     /// Seconds any statement may run before the server cancels it (and Kohaku retries).
     #[serde(default = "TimescaleSinkConfig::default_statement_timeout_secs")]
     pub statement_timeout_secs: u64,
+    /// Whether to use the timescaledb extension: `auto`, `required` or `off`.
+    #[serde(default)]
+    pub extension: ExtensionMode,
+}
+
+/// Whether the TimescaleDB sink uses the timescaledb extension.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtensionMode {
+    /// Every feature the server gives (a hypertable; compression and policies where licensed),
+    /// else plain PostgreSQL, saying what was given up and why.
+    #[default]
+    Auto,
+    /// Refuse to start unless the extension can be used, saying what to preload or grant.
+    Required,
+    /// Plain PostgreSQL tables, even where the extension is available.
+    Off,
 }
 
 impl TimescaleSinkConfig {

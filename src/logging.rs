@@ -30,10 +30,12 @@ pub struct LogGuard {
 
 /// Installs the global logger. `RUST_LOG` overrides the level chosen by `debug`.
 pub fn init(config: &LogConfig, debug: bool) -> Result<LogGuard, LogError> {
+    // The database server's own notices (TimescaleDB's advice on segmenting columns, …) would
+    // otherwise come out as Kohaku's warnings; RUST_LOG=sqlx::postgres::notice=info shows them.
     let default_level = if debug {
-        "debug,h2=info,hyper=info,rustls=info"
+        "debug,h2=info,hyper=info,rustls=info,sqlx::postgres::notice=off"
     } else {
-        "info"
+        "info,sqlx::postgres::notice=off"
     };
     let filter =
         || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
@@ -86,9 +88,9 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let default_level = if debug {
-        "debug,h2=info,hyper=info"
+        "debug,h2=info,hyper=info,sqlx::postgres::notice=off"
     } else {
-        "warn"
+        "warn,sqlx::postgres::notice=off"
     };
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));

@@ -107,6 +107,11 @@ fn timescaledb_options(
         compress_after_days: config.compress_after_days,
         retention_days: config.retention_days,
     };
+    options.extension = match config.extension {
+        crate::config::ExtensionMode::Auto => kohaku_timescaledb::ExtensionMode::Auto,
+        crate::config::ExtensionMode::Required => kohaku_timescaledb::ExtensionMode::Required,
+        crate::config::ExtensionMode::Off => kohaku_timescaledb::ExtensionMode::Off,
+    };
     options
 }
 

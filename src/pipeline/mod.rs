@@ -258,6 +258,9 @@ pub struct SinkStatus {
     pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the sink wants an operator to know without being unhealthy ([`StatsSink::notices`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<String>,
 }
 
 /// The configured sinks and their state, shared with the health endpoints.
@@ -361,6 +364,7 @@ async fn probe(state: &SinkState) -> SinkStatus {
         sink: name,
         healthy: error.is_none(),
         error,
+        notices: state.sink.notices(),
     }
 }
 

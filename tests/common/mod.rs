@@ -656,6 +656,7 @@ pub fn timescaledb_config(url: &str) -> kohaku::config::TimescaleSinkConfig {
         compress_after_days: 7,
         chunk_interval: "1 day".into(),
         statement_timeout_secs: 30,
+        extension: kohaku::config::ExtensionMode::Auto,
     }
 }
 

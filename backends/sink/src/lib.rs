@@ -265,4 +265,10 @@ pub trait StatsSink: Send + Sync {
     fn counters(&self) -> Vec<SinkCounter> {
         Vec::new()
     }
+
+    /// What an operator should know that does not make the store unusable (a feature fallen
+    /// back from, a maintenance job that failed), shown in `/health` beside the sink's status.
+    fn notices(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -1,8 +1,9 @@
 //! TimescaleDB / PostgreSQL storage backend for Kohaku.
 //!
-//! With the timescaledb extension available, `rtc_stats` becomes a hypertable with compression and
-//! retention policies; on plain PostgreSQL the same tables are used and Kohaku deletes rows older
-//! than the retention itself. Writes stream the batch with `COPY` into a per-session staging table
+//! With the timescaledb extension usable, `rtc_stats` becomes a hypertable, with compression and
+//! retention policies under the Timescale License; Apache-only TimescaleDB gives the hypertable
+//! and Kohaku drops expired chunks itself; on plain PostgreSQL the same tables are used and
+//! Kohaku deletes rows older than the retention itself. Writes stream the batch with `COPY` into a per-session staging table
 //! and move it with one `INSERT … SELECT … ON CONFLICT DO NOTHING`, which keeps them idempotent.
 
 pub mod schema;
@@ -26,7 +27,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Postgres, QueryBuilder, Row};
 use tokio::task::JoinHandle;
 
-pub use schema::{Flavor, TimescaleSettings};
+pub use schema::{ExtensionMode, Flavor, TimescaleSettings};
 
 /// Rows deleted per statement by Kohaku's own retention, so a sweep never holds long locks.
 const RETENTION_DELETE_BATCH: i64 = 10_000;
@@ -98,6 +99,7 @@ pub struct TimescaleOptions {
     /// The server cancels any statement running longer (a write then fails transiently and is
     /// retried) instead of letting a stuck lock hold the pipeline forever.
     pub statement_timeout: Duration,
+    pub extension: ExtensionMode,
 }
 
 impl TimescaleOptions {
@@ -114,6 +116,7 @@ impl TimescaleOptions {
             },
             retention_interval: Duration::from_secs(3600),
             statement_timeout: Duration::from_secs(60),
+            extension: ExtensionMode::Auto,
         }
     }
 }
@@ -172,6 +175,12 @@ impl TimescaleOptions {
 struct Counters {
     retention_runs: AtomicU64,
     retention_deleted_rows: AtomicU64,
+    retention_dropped_chunks: AtomicU64,
+    retention_deleted_connections: AtomicU64,
+    /// 1 when `extension = "auto"` fell back to plain PostgreSQL.
+    extension_fallbacks: AtomicU64,
+    /// Failures of Kohaku's TimescaleDB policy jobs, as `job_stats` counts them.
+    policy_job_failures: AtomicU64,
 }
 
 pub struct TimescaleSink {
@@ -181,6 +190,8 @@ pub struct TimescaleSink {
     flavor: Mutex<Option<Flavor>>,
     retention_task: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
+    /// What `/health` should say beyond up or down: failed policy jobs, a fallback.
+    notices: Mutex<Vec<String>>,
 }
 
 impl TimescaleSink {
@@ -201,6 +212,7 @@ impl TimescaleSink {
             flavor: Mutex::new(None),
             retention_task: Mutex::new(None),
             counters: Arc::default(),
+            notices: Mutex::new(Vec::new()),
         })
     }
 
@@ -308,30 +320,227 @@ impl TimescaleSink {
         })
     }
 
-    async fn apply_timescaledb(&self) -> Result<(), SinkError> {
+    /// Decides how rtc_stats is kept, creating the extension where the mode and the server allow.
+    async fn settle_flavor(&self) -> Result<Flavor, SinkError> {
+        if self.options.extension == ExtensionMode::Off {
+            return Ok(Flavor::PlainPostgres);
+        }
+        let mut extension = self.detect().await?;
+        if extension.installed.is_none() {
+            if extension.available.is_none() {
+                return self.fall_back(
+                    "the server has no timescaledb extension (pg_available_extensions does not list it)",
+                    "install TimescaleDB on the database server",
+                );
+            }
+            if let Err(err) = self.create_extension().await {
+                let reason = err.detailed();
+                let remedy = if reason.contains("preload") {
+                    "add timescaledb to shared_preload_libraries in postgresql.conf and restart PostgreSQL"
+                } else if reason.contains("permission denied") {
+                    "have a superuser run CREATE EXTENSION timescaledb in this database, or grant Kohaku's role the right to (it must own the database, TimescaleDB being a trusted extension)"
+                } else {
+                    "see the error above"
+                };
+                return self.fall_back(&reason, remedy);
+            }
+            extension = self.detect().await?;
+        }
+        let version = extension.installed.unwrap_or_default();
+        let license: String = sqlx::query_scalar("SELECT current_setting('timescaledb.license')")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify(
+                "timescaledb: the extension is installed in this database but not loaded (add timescaledb to shared_preload_libraries and restart PostgreSQL)",
+            ))?;
+        Ok(if license == "apache" {
+            Flavor::ApacheOnly { version }
+        } else {
+            Flavor::TimescaleDb { version }
+        })
+    }
+
+    /// Plain PostgreSQL instead of TimescaleDB: refused with `extension = "required"`, else said
+    /// once, with what to do, and counted.
+    fn fall_back(&self, reason: &str, remedy: &str) -> Result<Flavor, SinkError> {
+        if self.options.extension == ExtensionMode::Required {
+            return Err(SinkError::Permanent {
+                message: format!(
+                    "timescaledb: extension = \"required\", but {reason}; to use it, {remedy} (or set extension = \"auto\" to run on plain PostgreSQL)"
+                ),
+                source: None,
+            });
+        }
+        tracing::warn!(
+            database = %self.redacted_uri,
+            reason,
+            remedy,
+            "timescaledb: cannot use the timescaledb extension; using plain PostgreSQL tables (no hypertable, compression or policies)"
+        );
+        self.counters
+            .extension_fallbacks
+            .store(1, Ordering::Relaxed);
+        self.set_notice(format!(
+            "running on plain PostgreSQL: {reason}; to use TimescaleDB, {remedy}"
+        ));
+        Ok(Flavor::PlainPostgres)
+    }
+
+    fn set_notice(&self, notice: String) {
+        if let Ok(mut notices) = self.notices.lock() {
+            notices.push(notice);
+        }
+    }
+
+    async fn create_extension(&self) -> Result<(), SinkError> {
         let mut tx = self.begin_schema_change().await?;
-        for (name, sql) in schema::timescaledb_statements(&self.options.settings) {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        sqlx::raw_sql(sqlx::AssertSqlSafe(schema::statement(
+            "extension",
+            &self.options.settings,
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(classify("timescaledb: CREATE EXTENSION timescaledb failed"))?;
+        tx.commit()
+            .await
+            .map_err(classify("timescaledb: cannot commit"))
+    }
+
+    /// Makes rtc_stats a hypertable (converting rows already there) and, where licensed, sets
+    /// compression and brings the policies in line with the config, touching only what changed.
+    async fn apply_hypertable(&self, flavor: &Flavor) -> Result<(), SinkError> {
+        let settings = &self.options.settings;
+        let version = flavor.version().unwrap_or_default();
+        let columnstore = schema::has_columnstore_api(version);
+        let run = |name: &str| sqlx::AssertSqlSafe(schema::statement(name, settings));
+        let mut tx = self.begin_schema_change().await?;
+        // Converting a large table takes as long as it takes; the transaction keeps it whole.
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify("timescaledb: cannot lift the statement timeout"))?;
+        let (is_hypertable, rows): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT FROM timescaledb_information.hypertables \
+                 WHERE hypertable_schema = current_schema() AND hypertable_name = 'rtc_stats'), \
+             (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'rtc_stats'::regclass)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify("timescaledb: cannot read rtc_stats"))?;
+        let started = std::time::Instant::now();
+        if !is_hypertable && rows > 0 {
+            tracing::info!(
+                rows_estimated = rows,
+                "timescaledb: converting rtc_stats to a hypertable; its rows move into chunks in one transaction (README: minutes per million rows), and writes wait until it is done"
+            );
+        }
+        for name in ["hypertable", "chunk_interval"] {
+            sqlx::raw_sql(run(name))
                 .execute(&mut *tx)
                 .await
                 .map_err(classify_owned(format!(
                     "timescaledb: statement `{name}` of timescaledb.sql failed"
                 )))?;
         }
+        if !is_hypertable && rows > 0 {
+            tracing::info!(
+                rows_estimated = rows,
+                seconds = started.elapsed().as_secs_f64(),
+                "timescaledb: rtc_stats converted to a hypertable"
+            );
+        }
+        if let Flavor::TimescaleDb { .. } = flavor {
+            if settings.compress_after_days > 0 {
+                let name = if columnstore {
+                    "columnstore_settings"
+                } else {
+                    "compression_settings_before_2_18"
+                };
+                sqlx::raw_sql(run(name))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify("timescaledb: cannot set the columnstore settings"))?;
+            }
+            self.align_policies(&mut tx, columnstore).await?;
+        }
         tx.commit()
             .await
             .map_err(classify("timescaledb: cannot commit"))
     }
 
-    /// Deletes rows older than `retention_days`, in bounded batches. Returns the rows deleted.
-    /// Runs periodically on plain PostgreSQL; TimescaleDB's own policy does it otherwise.
-    pub async fn enforce_retention(&self) -> Result<u64, SinkError> {
-        enforce_retention(
-            &self.pool,
-            self.options.settings.retention_days,
-            &self.counters,
-        )
+    /// Adds, replaces or removes the compression and retention policies only where the config
+    /// and the database differ.
+    async fn align_policies(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        columnstore: bool,
+    ) -> Result<(), SinkError> {
+        let settings = &self.options.settings;
+        let existing: Vec<(i32, String, Option<bool>)> = sqlx::query_as(sqlx::AssertSqlSafe(
+            schema::statement("existing_policies", settings),
+        ))
+        .fetch_all(&mut **tx)
         .await
+        .map_err(classify("timescaledb: cannot read the policy jobs"))?;
+        let find = |proc_name: &str| {
+            existing
+                .iter()
+                .find(|(_, name, _)| name == proc_name)
+                .map(|(_, _, matches)| matches.unwrap_or(false))
+        };
+        let (add_compression, remove_compression) = if columnstore {
+            ("add_columnstore_policy", "remove_columnstore_policy")
+        } else {
+            (
+                "add_compression_policy_before_2_18",
+                "remove_compression_policy_before_2_18",
+            )
+        };
+        for (policy, wanted, existing, add, remove) in [
+            (
+                "compression",
+                settings.compress_after_days > 0,
+                find("policy_compression"),
+                add_compression,
+                remove_compression,
+            ),
+            (
+                "retention",
+                settings.retention_days > 0,
+                find("policy_retention"),
+                "add_retention_policy",
+                "remove_retention_policy",
+            ),
+        ] {
+            let change = schema::policy_change(wanted, existing);
+            let statements: &[&str] = match change {
+                schema::PolicyChange::Keep => &[],
+                schema::PolicyChange::Add => &[add],
+                schema::PolicyChange::Replace => &[remove, add],
+                schema::PolicyChange::Remove => &[remove],
+            };
+            for name in statements {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(schema::statement(name, settings)))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(classify_owned(format!(
+                        "timescaledb: statement `{name}` of timescaledb.sql failed"
+                    )))?;
+            }
+            if change != schema::PolicyChange::Keep {
+                tracing::info!(policy, change = ?change, "timescaledb: policy updated to the config");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes what is older than `retention_days`: rows on plain PostgreSQL (in bounded batches),
+    /// chunks on Apache-only TimescaleDB (its policy does it on full TimescaleDB), and on every
+    /// server the connections left without stats. Returns the rows deleted. Runs hourly; public
+    /// for tests.
+    pub async fn enforce_retention(&self) -> Result<u64, SinkError> {
+        let flavor = self.flavor().unwrap_or(Flavor::PlainPostgres);
+        enforce_retention(&self.pool, &flavor, &self.options.settings, &self.counters).await
     }
 
     fn stop_retention_task(&self) {
@@ -345,7 +554,7 @@ impl TimescaleSink {
         }
     }
 
-    fn start_retention_task(&self) {
+    fn start_retention_task(&self, flavor: Flavor) {
         let Ok(mut task) = self.retention_task.lock() else {
             return;
         };
@@ -353,19 +562,46 @@ impl TimescaleSink {
             return;
         }
         let pool = self.pool.clone();
-        let days = self.options.settings.retention_days;
+        let settings = self.options.settings.clone();
         let every = self.options.retention_interval;
         let counters = Arc::clone(&self.counters);
         *task = Some(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
+            // The first sweep an interval after start-up, not during it (when a conversion or a
+            // spool replay may be keeping the database busy).
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                if let Err(err) = enforce_retention(&pool, days, &counters).await {
+                if let Err(err) = enforce_retention(&pool, &flavor, &settings, &counters).await {
                     tracing::warn!(error = %err.detailed(), "timescaledb: retention sweep failed; retrying at the next one");
                 }
             }
         }));
+    }
+
+    /// Kohaku's policy jobs whose last run failed: for `/health` and the metrics.
+    async fn check_jobs(&self) -> Result<(), SinkError> {
+        let failed: Vec<(i32, String, Option<i64>, Option<String>)> = sqlx::query_as(
+            sqlx::AssertSqlSafe(schema::statement("failed_jobs", &self.options.settings)),
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify("timescaledb: cannot read the policy jobs' status"))?;
+        let failures: i64 = failed.iter().filter_map(|(_, _, total, _)| *total).sum();
+        self.counters
+            .policy_job_failures
+            .store(u64::try_from(failures).unwrap_or(0), Ordering::Relaxed);
+        if let Ok(mut notices) = self.notices.lock() {
+            notices.retain(|notice| !notice.starts_with("policy job"));
+            for (job_id, proc_name, total, last_run) in failed {
+                notices.push(format!(
+                    "policy job {job_id} ({proc_name}) failed at its last run ({}; {} failures so far); see timescaledb_information.job_errors",
+                    last_run.unwrap_or_default(),
+                    total.unwrap_or(0)
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn write_batch(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
@@ -507,31 +743,51 @@ impl TimescaleSink {
 
 async fn enforce_retention(
     pool: &PgPool,
-    retention_days: u32,
+    flavor: &Flavor,
+    settings: &TimescaleSettings,
     counters: &Counters,
 ) -> Result<u64, SinkError> {
-    if retention_days == 0 {
+    if settings.retention_days == 0 {
         return Ok(0);
     }
-    let days = i32::try_from(retention_days).unwrap_or(i32::MAX);
+    let days = i32::try_from(settings.retention_days).unwrap_or(i32::MAX);
     let mut deleted = 0u64;
-    loop {
-        let done = sqlx::query(
-            "DELETE FROM rtc_stats WHERE ctid IN (SELECT ctid FROM rtc_stats \
-             WHERE rtc_time < now() - make_interval(days => $1) LIMIT $2)",
-        )
-        .bind(days)
-        .bind(RETENTION_DELETE_BATCH)
-        .execute(pool)
-        .await
-        .map_err(classify("timescaledb: retention delete failed"))?;
-        deleted += done.rows_affected();
-        if done.rows_affected() < RETENTION_DELETE_BATCH as u64 {
-            break;
+    let mut dropped_chunks = 0i64;
+    match flavor {
+        Flavor::PlainPostgres => loop {
+            // By the unique key, not by ctid: ctid is unique only within one table, and on a
+            // hypertable one ctid names a row in every chunk.
+            let done = sqlx::query(
+                "DELETE FROM rtc_stats WHERE (connection_id, rtc_time, rtc_timestamp, rtc_id) IN \
+                 (SELECT connection_id, rtc_time, rtc_timestamp, rtc_id FROM rtc_stats \
+                  WHERE rtc_time < now() - make_interval(days => $1) LIMIT $2)",
+            )
+            .bind(days)
+            .bind(RETENTION_DELETE_BATCH)
+            .execute(pool)
+            .await
+            .map_err(classify("timescaledb: retention delete failed"))?;
+            deleted += done.rows_affected();
+            if done.rows_affected() < RETENTION_DELETE_BATCH as u64 {
+                break;
+            }
+        },
+        Flavor::ApacheOnly { .. } => {
+            dropped_chunks = sqlx::query_scalar(sqlx::AssertSqlSafe(schema::statement(
+                "drop_expired_chunks",
+                settings,
+            )))
+            .fetch_one(pool)
+            .await
+            .map_err(classify("timescaledb: dropping expired chunks failed"))?;
         }
+        // Its retention policy drops the chunks.
+        Flavor::TimescaleDb { .. } => {}
     }
+    // A connection whose stats are all gone goes too.
     let connections = sqlx::query(
-        "DELETE FROM sora_connection WHERE last_seen < now() - make_interval(days => $1)",
+        "DELETE FROM sora_connection c WHERE last_seen < now() - make_interval(days => $1) \
+         AND NOT EXISTS (SELECT FROM rtc_stats s WHERE s.connection_id = c.connection_id)",
     )
     .bind(days)
     .execute(pool)
@@ -544,10 +800,18 @@ async fn enforce_retention(
     counters
         .retention_deleted_rows
         .fetch_add(deleted, Ordering::Relaxed);
+    counters.retention_dropped_chunks.fetch_add(
+        u64::try_from(dropped_chunks).unwrap_or(0),
+        Ordering::Relaxed,
+    );
+    counters
+        .retention_deleted_connections
+        .fetch_add(connections, Ordering::Relaxed);
     tracing::info!(
         deleted_rows = deleted,
+        dropped_chunks,
         deleted_connections = connections,
-        retention_days,
+        retention_days = settings.retention_days,
         "timescaledb: retention sweep done"
     );
     Ok(deleted)
@@ -780,31 +1044,52 @@ impl StatsSink for TimescaleSink {
             .last()
             .map_or(0, |(version, _, _)| *version);
         self.migrate_to(newest).await?;
-        let flavor = Flavor::choose(&self.detect().await?);
+        let flavor = self.settle_flavor().await?;
+        let settings = &self.options.settings;
         match &flavor {
             Flavor::TimescaleDb { version } => {
-                self.apply_timescaledb().await?;
+                self.apply_hypertable(&flavor).await?;
                 tracing::info!(
                     database = %self.redacted_uri,
                     timescaledb = %version,
-                    chunk_interval = %self.options.settings.chunk_interval,
-                    compress_after_days = self.options.settings.compress_after_days,
-                    retention_days = self.options.settings.retention_days,
-                    "timescaledb: extension present; rtc_stats is a hypertable with compression and retention policies"
+                    chunk_interval = %settings.chunk_interval,
+                    compress_after_days = settings.compress_after_days,
+                    retention_days = settings.retention_days,
+                    "timescaledb: rtc_stats is a hypertable with compression and retention policies"
                 );
+            }
+            Flavor::ApacheOnly { version } => {
+                self.apply_hypertable(&flavor).await?;
+                if settings.compress_after_days > 0 {
+                    tracing::warn!(
+                        database = %self.redacted_uri,
+                        timescaledb = %version,
+                        compress_after_days = settings.compress_after_days,
+                        "timescaledb: the server's TimescaleDB is Apache-only (timescaledb.license = apache), which has no compression: chunks stay uncompressed; Kohaku drops expired chunks itself"
+                    );
+                    self.set_notice(
+                        "Apache-only TimescaleDB: no compression (compress_after_days is ignored); Kohaku drops expired chunks itself".into(),
+                    );
+                } else {
+                    tracing::info!(
+                        database = %self.redacted_uri,
+                        timescaledb = %version,
+                        "timescaledb: rtc_stats is a hypertable (Apache-only TimescaleDB); Kohaku drops expired chunks itself"
+                    );
+                }
             }
             Flavor::PlainPostgres => {
                 tracing::info!(
                     database = %self.redacted_uri,
-                    retention_days = self.options.settings.retention_days,
-                    "timescaledb: extension not available; using plain PostgreSQL tables, retention enforced by Kohaku"
+                    retention_days = settings.retention_days,
+                    "timescaledb: using plain PostgreSQL tables, retention enforced by Kohaku"
                 );
-                self.start_retention_task();
             }
         }
         if let Ok(mut slot) = self.flavor.lock() {
-            *slot = Some(flavor);
+            *slot = Some(flavor.clone());
         }
+        self.start_retention_task(flavor);
         Ok(())
     }
 
@@ -827,6 +1112,9 @@ impl StatsSink for TimescaleSink {
             .await
             .map_err(classify("timescaledb: health check failed"))?;
         if writable {
+            if let Some(Flavor::TimescaleDb { .. }) = self.flavor() {
+                self.check_jobs().await?;
+            }
             Ok(())
         } else {
             Err(SinkError::classified(
@@ -844,18 +1132,46 @@ impl StatsSink for TimescaleSink {
     }
 
     fn counters(&self) -> Vec<SinkCounter> {
+        let value = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         vec![
             SinkCounter {
                 name: "retention_runs",
-                help: "Retention sweeps Kohaku ran itself (plain PostgreSQL only)",
-                value: self.counters.retention_runs.load(Ordering::Relaxed),
+                help: "Retention sweeps Kohaku ran itself",
+                value: value(&self.counters.retention_runs),
             },
             SinkCounter {
                 name: "retention_deleted_rows",
-                help: "rtc_stats rows Kohaku deleted as older than retention_days (plain PostgreSQL only)",
-                value: self.counters.retention_deleted_rows.load(Ordering::Relaxed),
+                help: "rtc_stats rows Kohaku deleted as older than retention_days (plain PostgreSQL)",
+                value: value(&self.counters.retention_deleted_rows),
+            },
+            SinkCounter {
+                name: "retention_dropped_chunks",
+                help: "rtc_stats chunks Kohaku dropped as older than retention_days (Apache-only TimescaleDB)",
+                value: value(&self.counters.retention_dropped_chunks),
+            },
+            SinkCounter {
+                name: "retention_deleted_connections",
+                help: "sora_connection rows deleted because all their stats had expired",
+                value: value(&self.counters.retention_deleted_connections),
+            },
+            SinkCounter {
+                name: "extension_fallbacks",
+                help: "1 when extension = \"auto\" could not use TimescaleDB and runs on plain PostgreSQL (/health says why)",
+                value: value(&self.counters.extension_fallbacks),
+            },
+            SinkCounter {
+                name: "policy_job_failures",
+                help: "Failures of Kohaku's TimescaleDB policy jobs whose last run failed (timescaledb_information.job_stats; /health names them)",
+                value: value(&self.counters.policy_job_failures),
             },
         ]
+    }
+
+    fn notices(&self) -> Vec<String> {
+        self.notices
+            .lock()
+            .map(|notices| notices.clone())
+            .unwrap_or_default()
     }
 }
 

@@ -35,24 +35,50 @@ pub struct ExtensionInfo {
     pub installed: Option<String>,
 }
 
+/// Whether the sink uses the timescaledb extension (`[sinks.timescaledb] extension`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ExtensionMode {
+    /// Every feature the server gives, else plain PostgreSQL, saying what was given up and why.
+    #[default]
+    Auto,
+    /// Refuse to start unless the extension can be used, saying what to preload or grant.
+    Required,
+    /// Plain PostgreSQL tables, even where the extension is available.
+    Off,
+}
+
 /// How rtc_stats is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Flavor {
-    /// A hypertable with compression and retention policies.
+    /// A hypertable with compression and retention policies (TimescaleDB under the Timescale
+    /// License).
     TimescaleDb { version: String },
+    /// A hypertable; Apache-only TimescaleDB has no compression and no policies, so Kohaku drops
+    /// expired chunks itself.
+    ApacheOnly { version: String },
     /// Plain tables; Kohaku deletes rows older than the retention itself.
     PlainPostgres,
 }
 
 impl Flavor {
-    pub fn choose(extension: &ExtensionInfo) -> Self {
-        match (&extension.installed, &extension.available) {
-            (Some(version), _) | (None, Some(version)) => Self::TimescaleDb {
-                version: version.clone(),
-            },
-            (None, None) => Self::PlainPostgres,
+    /// The extension's version, for a hypertable.
+    pub fn version(&self) -> Option<&str> {
+        match self {
+            Self::TimescaleDb { version } | Self::ApacheOnly { version } => Some(version),
+            Self::PlainPostgres => None,
         }
     }
+}
+
+/// TimescaleDB 2.18 renamed compression to the columnstore (`add_columnstore_policy`,
+/// `timescaledb.enable_columnstore`, `timescaledb.segmentby`); the older names are deprecated.
+pub fn has_columnstore_api(version: &str) -> bool {
+    let mut parts = version
+        .split('.')
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= (2, 18)
 }
 
 /// The TimescaleDB settings that end up in SQL.
@@ -81,26 +107,20 @@ pub fn valid_interval(text: &str) -> bool {
         .contains(&unit)
 }
 
-/// The `(name, sql)` statements to run on a server with TimescaleDB, in order.
-pub fn timescaledb_statements(settings: &TimescaleSettings) -> Vec<(&'static str, String)> {
+/// The statement named `name` in `timescaledb.sql`, with the settings substituted.
+pub fn statement(name: &str, settings: &TimescaleSettings) -> String {
     sections(TIMESCALEDB_SQL)
         .into_iter()
-        .filter(|(name, _)| match *name {
-            "compression_settings" | "add_compression_policy" => settings.compress_after_days > 0,
-            "add_retention_policy" => settings.retention_days > 0,
-            _ => true,
-        })
-        .map(|(name, sql)| {
-            let sql = sql
-                .replace("{chunk_interval}", &settings.chunk_interval)
+        .find(|(section, _)| *section == name)
+        .map(|(_, sql)| {
+            sql.replace("{chunk_interval}", &settings.chunk_interval)
                 .replace(
                     "{compress_after_days}",
                     &settings.compress_after_days.to_string(),
                 )
-                .replace("{retention_days}", &settings.retention_days.to_string());
-            (name, sql)
+                .replace("{retention_days}", &settings.retention_days.to_string())
         })
-        .collect()
+        .unwrap_or_default()
 }
 
 /// Splits the file at `-- kohaku: NAME` lines; comment lines inside a section are dropped.
@@ -119,6 +139,27 @@ fn sections(text: &'static str) -> Vec<(&'static str, String)> {
     sections
 }
 
+/// What to do about one policy, from what the config wants and what the database has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyChange {
+    Keep,
+    Add,
+    /// The configured age changed: remove the job and add it anew.
+    Replace,
+    Remove,
+}
+
+/// `wanted`: the config asks for the policy; `existing`: the database has it, and whether its age
+/// matches the config. A matching job is kept as it is (id, schedule, an operator's tuning).
+pub fn policy_change(wanted: bool, existing: Option<bool>) -> PolicyChange {
+    match (wanted, existing) {
+        (true, None) => PolicyChange::Add,
+        (true, Some(false)) => PolicyChange::Replace,
+        (false, Some(_)) => PolicyChange::Remove,
+        (true, Some(true)) | (false, None) => PolicyChange::Keep,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,58 +173,8 @@ mod tests {
     }
 
     #[test]
-    fn flavor_follows_the_extension() {
-        let none = ExtensionInfo {
-            available: None,
-            installed: None,
-        };
-        assert_eq!(Flavor::choose(&none), Flavor::PlainPostgres);
-        let available = ExtensionInfo {
-            available: Some("2.17.2".into()),
-            installed: None,
-        };
-        assert_eq!(
-            Flavor::choose(&available),
-            Flavor::TimescaleDb {
-                version: "2.17.2".into()
-            }
-        );
-        let installed = ExtensionInfo {
-            available: Some("2.17.2".into()),
-            installed: Some("2.14.0".into()),
-        };
-        assert_eq!(
-            Flavor::choose(&installed),
-            Flavor::TimescaleDb {
-                version: "2.14.0".into()
-            }
-        );
-    }
-
-    #[test]
-    fn timescaledb_statements_are_exact() {
-        let statements = timescaledb_statements(&settings());
-        let names: Vec<&str> = statements.iter().map(|(name, _)| *name).collect();
-        assert_eq!(
-            names,
-            [
-                "extension",
-                "hypertable",
-                "chunk_interval",
-                "compression_settings",
-                "remove_compression_policy",
-                "add_compression_policy",
-                "remove_retention_policy",
-                "add_retention_policy"
-            ]
-        );
-        let sql = |name: &str| {
-            statements
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, s)| s.trim().to_owned())
-                .unwrap()
-        };
+    fn statements_are_substituted() {
+        let sql = |name: &str| statement(name, &settings()).trim().to_owned();
         assert_eq!(
             sql("extension"),
             "CREATE EXTENSION IF NOT EXISTS timescaledb;"
@@ -196,42 +187,60 @@ mod tests {
             sql("chunk_interval"),
             "SELECT set_chunk_time_interval('rtc_stats', INTERVAL '1 day');"
         );
-        assert!(sql("compression_settings")
+        assert!(sql("columnstore_settings")
+            .contains("timescaledb.segmentby = 'channel_id, connection_id'"));
+        assert!(sql("compression_settings_before_2_18")
             .contains("timescaledb.compress_segmentby = 'channel_id, connection_id'"));
-        assert!(sql("compression_settings").starts_with("DO $$"));
         assert_eq!(
-            sql("add_compression_policy"),
-            "SELECT add_compression_policy('rtc_stats', compress_after => INTERVAL '7 days');"
+            sql("add_columnstore_policy"),
+            "CALL add_columnstore_policy('rtc_stats', after => INTERVAL '7 days');"
         );
         assert_eq!(
             sql("add_retention_policy"),
             "SELECT add_retention_policy('rtc_stats', drop_after => INTERVAL '60 days');"
         );
-        assert!(
-            statements.iter().all(|(_, sql)| !sql.contains('{')),
-            "every placeholder substituted"
-        );
+        assert!(sql("existing_policies").contains("INTERVAL '7 days'"));
+        assert!(sql("drop_expired_chunks").contains("INTERVAL '60 days'"));
+        for name in [
+            "extension",
+            "hypertable",
+            "chunk_interval",
+            "columnstore_settings",
+            "compression_settings_before_2_18",
+            "existing_policies",
+            "add_columnstore_policy",
+            "remove_columnstore_policy",
+            "add_compression_policy_before_2_18",
+            "remove_compression_policy_before_2_18",
+            "add_retention_policy",
+            "remove_retention_policy",
+            "drop_expired_chunks",
+            "failed_jobs",
+        ] {
+            let sql = statement(name, &settings());
+            assert!(!sql.trim().is_empty(), "{name} is in timescaledb.sql");
+            assert!(!sql.contains('{'), "{name}: every placeholder substituted");
+        }
+        assert_eq!(statement("no such section", &settings()), "");
     }
 
     #[test]
-    fn disabled_policies_are_removed_not_added() {
-        let mut settings = settings();
-        settings.compress_after_days = 0;
-        settings.retention_days = 0;
-        let names: Vec<&str> = timescaledb_statements(&settings)
-            .iter()
-            .map(|(name, _)| *name)
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "extension",
-                "hypertable",
-                "chunk_interval",
-                "remove_compression_policy",
-                "remove_retention_policy"
-            ]
-        );
+    fn policies_change_only_when_the_config_does() {
+        assert_eq!(policy_change(true, None), PolicyChange::Add);
+        assert_eq!(policy_change(true, Some(true)), PolicyChange::Keep);
+        assert_eq!(policy_change(true, Some(false)), PolicyChange::Replace);
+        assert_eq!(policy_change(false, Some(true)), PolicyChange::Remove);
+        assert_eq!(policy_change(false, Some(false)), PolicyChange::Remove);
+        assert_eq!(policy_change(false, None), PolicyChange::Keep);
+    }
+
+    #[test]
+    fn the_columnstore_api_is_used_from_2_18() {
+        assert!(has_columnstore_api("2.28.3"));
+        assert!(has_columnstore_api("2.18.0"));
+        assert!(!has_columnstore_api("2.17.2"));
+        assert!(!has_columnstore_api("2.14.0-dev"));
+        assert!(has_columnstore_api("3.0.0"));
     }
 
     #[test]

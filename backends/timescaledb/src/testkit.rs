@@ -83,6 +83,22 @@ pub async fn execute(url: &str, sql: &str) -> Result<(), String> {
     result.map(|_| ()).map_err(|err| err.to_string())
 }
 
+/// Which server the test cluster is (`KOHAKU_TEST_PG_FLAVOR`, set by `scripts/test`): `plain`
+/// PostgreSQL, full `timescaledb`, or `apache`-only TimescaleDB.
+pub fn server_flavor() -> String {
+    std::env::var("KOHAKU_TEST_PG_FLAVOR").unwrap_or_else(|_| "plain".to_owned())
+}
+
+/// Whether `flavor` is what `extension = "auto"` makes of the test cluster.
+pub fn is_expected_flavor(flavor: &crate::Flavor) -> bool {
+    matches!(
+        (server_flavor().as_str(), flavor),
+        ("plain", crate::Flavor::PlainPostgres)
+            | ("timescaledb", crate::Flavor::TimescaleDb { .. })
+            | ("apache", crate::Flavor::ApacheOnly { .. })
+    )
+}
+
 fn cluster(action: &str) {
     let status = Command::new(var(SCRIPT_VAR))
         .args([action, &var(DIR_VAR)])

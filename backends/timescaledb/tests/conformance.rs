@@ -8,7 +8,7 @@ use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnectio
 use kohaku_sink::testkit::sample;
 use kohaku_sink::{parse_timestamp, Connection, RawValue, StatsObject, StatsSink};
 use kohaku_timescaledb::testkit::fresh_database;
-use kohaku_timescaledb::{Flavor, TimescaleOptions, TimescaleSink};
+use kohaku_timescaledb::{ExtensionMode, Flavor, TimescaleOptions, TimescaleSink};
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 
@@ -145,10 +145,11 @@ impl ConformanceTarget for PgTarget {
 async fn postgres_passes_the_conformance_suite() {
     let target = PgTarget::new().await;
     conformance::run_all(&target).await;
-    assert_eq!(
-        target.sink.flavor(),
-        Some(Flavor::PlainPostgres),
-        "no TimescaleDB on this server"
+    let flavor = target.sink.flavor().expect("migrated");
+    assert!(
+        kohaku_timescaledb::testkit::is_expected_flavor(&flavor),
+        "{flavor:?} on a {} server",
+        kohaku_timescaledb::testkit::server_flavor()
     );
 }
 
@@ -293,8 +294,12 @@ async fn a_value_postgres_refuses_is_reported_and_the_rest_stored() {
     assert_eq!(connections, 2);
 }
 
+/// Rows and connections older than `retention_days` go, on whatever server: deleted by Kohaku on
+/// plain PostgreSQL, dropped with their chunk by Kohaku on Apache-only TimescaleDB, by the
+/// retention policy (run here at once) on TimescaleDB; the connection whose stats are all gone
+/// goes with them, the recent ones stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_postgres_retention_deletes_old_rows_and_counts_them() {
+async fn retention_removes_old_rows_and_their_connections_on_every_server() {
     let url = fresh_database("retention").await;
     let mut options = TimescaleOptions::new(&url);
     options.settings.retention_days = 30;
@@ -303,20 +308,103 @@ async fn plain_postgres_retention_deletes_old_rows_and_counts_them() {
     let now_ms = kohaku_sink::OffsetDateTime::now_utc().unix_timestamp() as f64 * 1000.0;
     let old = sample::report(sample::connection(10), now_ms - 40.0 * 86_400_000.0, 7);
     let recent = sample::report(sample::connection(11), now_ms - 86_400_000.0, 4);
+    let recent_connection = recent.connection.connection_id.clone();
     sink.write(&sample::batch([old, recent])).await.unwrap();
-    let deleted = sink.enforce_retention().await.unwrap();
-    assert_eq!(deleted, 7);
+    let reader = PgPool::connect(&url).await.unwrap();
+    if let Some(Flavor::TimescaleDb { .. }) = sink.flavor() {
+        let job: i32 = sqlx::query_scalar(
+            "SELECT job_id FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'",
+        )
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+        sqlx::query("CALL run_job($1)")
+            .bind(job)
+            .execute(&reader)
+            .await
+            .unwrap();
+    }
+    sink.enforce_retention().await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_stats")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(left, 4, "the old rows are gone, the recent ones stay");
+    let connections: Vec<String> = sqlx::query_scalar("SELECT connection_id FROM sora_connection")
+        .fetch_all(&reader)
+        .await
+        .unwrap();
+    assert_eq!(
+        connections,
+        [recent_connection],
+        "the emptied connection goes too"
+    );
     assert_eq!(sink.enforce_retention().await.unwrap(), 0);
+    let counters = sink.counters();
+    let value = |name: &str| counters.iter().find(|c| c.name == name).map(|c| c.value);
+    // Kohaku's hourly task may have run a sweep too: the counters hold what both did.
+    match sink.flavor().expect("migrated") {
+        Flavor::PlainPostgres => assert_eq!(value("retention_deleted_rows"), Some(7)),
+        Flavor::ApacheOnly { .. } => assert!(value("retention_dropped_chunks").unwrap() >= 1),
+        Flavor::TimescaleDb { .. } => {
+            assert_eq!(
+                value("retention_deleted_rows"),
+                Some(0),
+                "the policy did it"
+            )
+        }
+    }
+    assert_eq!(value("retention_deleted_connections"), Some(1));
+    assert!(value("retention_runs").unwrap() >= 2);
+}
+
+/// The row-by-row sweep (plain PostgreSQL's) run on a hypertable, as a Kohaku with
+/// `extension = "off"` would: it deletes exactly the expired rows. It once matched rows by `ctid`,
+/// which is unique only within one chunk, and deleted recent rows of other chunks too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_row_sweep_deletes_only_expired_rows_even_on_a_hypertable() {
+    let url = fresh_database("sweep").await;
+    let mut options = TimescaleOptions::new(&url);
+    // No policy of TimescaleDB's own may touch the rows before the sweep.
+    options.settings.retention_days = 0;
+    options.settings.compress_after_days = 0;
+    options.settings.chunk_interval = "1 hour".into();
+    let sink = TimescaleSink::connect(options.clone()).unwrap();
+    sink.migrate().await.unwrap();
+    let now_ms = kohaku_sink::OffsetDateTime::now_utc().unix_timestamp() as f64 * 1000.0;
+    // Many chunks of recent rows beside the expired ones, so that equal ctids exist in several.
+    let mut reports = vec![sample::report(
+        sample::connection(20),
+        now_ms - 40.0 * 86_400_000.0,
+        7,
+    )];
+    for hour in 1..=6 {
+        reports.push(sample::report(
+            sample::connection(20 + hour),
+            now_ms - f64::from(hour as u32) * 3_600_000.0,
+            7,
+        ));
+    }
+    sink.write(&sample::batch(reports)).await.unwrap();
+    options.extension = ExtensionMode::Off;
+    options.settings.retention_days = 30;
+    let plain = TimescaleSink::connect(options).unwrap();
+    plain.migrate().await.unwrap();
+    assert_eq!(plain.flavor(), Some(Flavor::PlainPostgres));
+    plain.enforce_retention().await.unwrap();
+    // Its hourly task may have swept first: count what both deleted.
+    let counters = plain.counters();
+    let deleted = counters
+        .iter()
+        .find(|c| c.name == "retention_deleted_rows")
+        .map(|c| c.value);
+    assert_eq!(deleted, Some(7));
     let reader = PgPool::connect(&url).await.unwrap();
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_stats")
         .fetch_one(&reader)
         .await
         .unwrap();
-    assert_eq!(left, 4);
-    let counters = sink.counters();
-    let value = |name: &str| counters.iter().find(|c| c.name == name).map(|c| c.value);
-    assert_eq!(value("retention_deleted_rows"), Some(7));
-    assert!(value("retention_runs").unwrap() >= 2);
+    assert_eq!(left, 42);
 }
 
 #[tokio::test]
