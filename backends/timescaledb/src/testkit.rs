@@ -99,6 +99,42 @@ pub fn is_expected_flavor(flavor: &crate::Flavor) -> bool {
     )
 }
 
+/// A second cluster of the same server binaries as the test cluster, but without preloading
+/// TimescaleDB: the extension is listed as available and `CREATE EXTENSION` fails, as on a
+/// server where nobody edited `shared_preload_libraries`. Removed when dropped.
+pub struct UnpreloadedCluster {
+    dir: String,
+    /// `postgres://…/postgres` of the new cluster.
+    pub url: String,
+}
+
+impl UnpreloadedCluster {
+    pub fn start() -> Self {
+        let bin = std::fs::read_to_string(format!("{}/bin", var(DIR_VAR)))
+            .expect("the test cluster records its binaries");
+        let output = Command::new(var(SCRIPT_VAR))
+            .arg("create")
+            .env("PG_BIN", bin.trim())
+            .env_remove("PG_PRELOAD")
+            .output()
+            .expect("run scripts/pg-cluster");
+        assert!(output.status.success(), "scripts/pg-cluster create failed");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let mut lines = text.lines();
+        let dir = lines.next().unwrap_or_default().to_owned();
+        let url = lines.next().unwrap_or_default().to_owned();
+        Self { dir, url }
+    }
+}
+
+impl Drop for UnpreloadedCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(var(SCRIPT_VAR))
+            .args(["destroy", &self.dir])
+            .status();
+    }
+}
+
 fn cluster(action: &str) {
     let status = Command::new(var(SCRIPT_VAR))
         .args([action, &var(DIR_VAR)])
