@@ -105,6 +105,18 @@ fn dashboards() -> Vec<Dashboard> {
     dashboards
 }
 
+/// The PostgreSQL datasource's `timescaledb` flag as provisioned.
+fn provisioned_timescaledb_flag() -> bool {
+    let file = grafana_dir().join("provisioning/datasources/kohaku.yaml");
+    read_yaml(&file)["datasources"]
+        .as_array()
+        .expect("datasources list")
+        .iter()
+        .find(|ds| ds["type"] == "grafana-postgresql-datasource")
+        .and_then(|ds| ds["jsonData"]["timescaledb"].as_bool())
+        .expect("the PostgreSQL datasource says whether it is TimescaleDB")
+}
+
 /// Provisioned datasources: uid → type.
 fn provisioned_datasources() -> HashMap<String, String> {
     let file = grafana_dir().join("provisioning/datasources/kohaku.yaml");
@@ -258,11 +270,14 @@ fn dashboards_are_well_formed() {
 }
 
 /// What Grafana puts into a query: the time range, the interval and the variables' values.
+#[derive(Clone)]
 struct Render {
     from: OffsetDateTime,
     to: OffsetDateTime,
     interval_secs: i64,
     variables: HashMap<String, Vec<String>>,
+    /// The datasource's `timescaledb` flag: `$__timeGroup` expands to `time_bucket`.
+    time_bucket: bool,
 }
 
 impl Render {
@@ -279,6 +294,7 @@ impl Render {
             to,
             interval_secs,
             variables: HashMap::new(),
+            time_bucket: false,
         }
     }
 
@@ -337,10 +353,16 @@ impl Render {
                     } else {
                         ""
                     };
-                    format!(
-                        "floor(extract(epoch from {})/{secs})*{secs}{alias}",
-                        args[0]
-                    )
+                    // As Grafana's PostgreSQL macro engine writes it, with and without the
+                    // datasource's timescaledb flag.
+                    if self.time_bucket {
+                        format!("time_bucket('{secs}s', {}){alias}", args[0])
+                    } else {
+                        format!(
+                            "floor(extract(epoch from {})/{secs})*{secs}{alias}",
+                            args[0]
+                        )
+                    }
                 }
                 other => panic!("macro $__{other} is not emulated by this test"),
             });
@@ -415,6 +437,16 @@ impl Databases {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // The dashboards must read compressed chunks as well as fresh ones.
+        #[cfg(feature = "timescaledb")]
+        if kohaku_timescaledb::testkit::server_flavor() == "timescaledb" {
+            kohaku_timescaledb::testkit::execute(
+                &postgres,
+                "SELECT compress_chunk(c, if_not_compressed => true) FROM show_chunks('rtc_stats') c",
+            )
+            .await
+            .expect("compress the chunks");
+        }
         Self {
             _dir: dir,
             sqlite,
@@ -599,6 +631,23 @@ async fn every_dashboard_query_runs_and_returns_plausible_data() {
             renders.push(("connection".to_owned(), render));
         }
 
+        assert!(
+            !provisioned_timescaledb_flag(),
+            "the provisioned flag must work on plain PostgreSQL too"
+        );
+        // With the flag set, as an operator may on TimescaleDB: time_bucket.
+        #[cfg(feature = "timescaledb")]
+        if backend == "timescaledb" && kohaku_timescaledb::testkit::server_flavor() != "plain" {
+            let with_time_bucket: Vec<(String, Render)> = renders
+                .iter()
+                .map(|(scope, render)| {
+                    let mut render = render.clone();
+                    render.time_bucket = true;
+                    (scope.clone(), render)
+                })
+                .collect();
+            run_all(&databases, backend, &with_time_bucket).await;
+        }
         let had_data = run_all(&databases, backend, &renders).await;
         let empty: Vec<&(String, String)> = had_data
             .iter()
