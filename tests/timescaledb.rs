@@ -331,3 +331,49 @@ async fn health_is_red_while_the_role_may_not_write() {
     wait_for_health(&exporter, StatusCode::OK, WAIT).await;
     app.shutdown().await;
 }
+
+/// `kohaku migrate` as an operator runs it before a rollout: on TimescaleDB the server's own
+/// advice (NOTICE/WARNING about segmenting columns) is not repeated as Kohaku's warnings, and a
+/// second run changes nothing.
+#[test]
+fn migrate_logs_kohakus_lines_only_and_is_repeatable() {
+    let url = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(testkit::fresh_database("migrate_cli"));
+    let dir = tempfile::tempdir().unwrap();
+    // Apache-only TimescaleDB has no compression: asking for it is worth its warning.
+    let compression = if testkit::server_flavor() == "apache" {
+        "compress_after_days = 0\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.path().join("k.toml"),
+        format!("[sinks.timescaledb]\nuri = \"{url}\"\n{compression}"),
+    )
+    .unwrap();
+    for run in 0..2 {
+        let output = kohaku_command()
+            .current_dir(dir.path())
+            .args(["migrate", "--config", "k.toml"])
+            .output()
+            .expect("kohaku migrate runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "run {run}: {text}");
+        assert!(!text.contains("segmenting"), "run {run}: {text}");
+        assert!(
+            !text.contains("\"level\":\"WARN\""),
+            "run {run}: no warnings on a healthy server: {text}"
+        );
+        if run == 1 {
+            assert!(
+                !text.contains("policy updated"),
+                "nothing to change: {text}"
+            );
+        }
+    }
+}

@@ -328,10 +328,15 @@ impl TimescaleSink {
         let mut extension = self.detect().await?;
         if extension.installed.is_none() {
             if extension.available.is_none() {
-                return self.fall_back(
-                    "the server has no timescaledb extension (pg_available_extensions does not list it)",
-                    "install TimescaleDB on the database server",
-                );
+                // Plain PostgreSQL by the server's make-up, not a fallback: nothing to warn about
+                // unless TimescaleDB was required.
+                if self.options.extension == ExtensionMode::Required {
+                    return self.fall_back(
+                        "the server has no timescaledb extension (pg_available_extensions does not list it)",
+                        "install TimescaleDB on the database server",
+                    );
+                }
+                return Ok(Flavor::PlainPostgres);
             }
             if let Err(err) = self.create_extension().await {
                 let reason = err.detailed();

@@ -304,3 +304,30 @@ async fn a_large_plain_table_converts_despite_a_short_statement_timeout() {
     let chunks: i64 = scalar(&url, "SELECT count(*) FROM show_chunks('rtc_stats')").await;
     assert!(chunks >= 30, "{chunks} chunks");
 }
+
+/// Plain PostgreSQL: `auto` uses it quietly (there is nothing to fall back from), `required`
+/// refuses, saying TimescaleDB must be installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_plain_postgresql_required_refuses_and_auto_runs_without_a_fallback() {
+    if !on(&["plain"]) {
+        return;
+    }
+    let url = fresh_database("plain_modes").await;
+    let mut options = TimescaleOptions::new(&url);
+    options.extension = ExtensionMode::Required;
+    let err = TimescaleSink::connect(options.clone())
+        .unwrap()
+        .migrate()
+        .await
+        .expect_err("required refuses");
+    assert!(
+        err.detailed().contains("install TimescaleDB"),
+        "{}",
+        err.detailed()
+    );
+    options.extension = ExtensionMode::Auto;
+    let sink = TimescaleSink::connect(options).unwrap();
+    sink.migrate().await.unwrap();
+    assert_eq!(sink.flavor(), Some(Flavor::PlainPostgres));
+    assert!(sink.notices().is_empty(), "{:?}", sink.notices());
+}
