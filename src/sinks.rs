@@ -13,13 +13,14 @@ pub enum BuildError {
         sink: &'static str,
         feature: &'static str,
     },
-    #[error("[sinks.{sink}]: {}", source.detailed())]
+    // The cause comes from `source`: printed with `{:#}` (as `main` does), it follows once.
+    #[error("[sinks.{sink}]")]
     Invalid {
         sink: &'static str,
         #[source]
         source: SinkError,
     },
-    #[error("cannot migrate sink `{sink}`: {}", source.detailed())]
+    #[error("cannot migrate sink `{sink}`")]
     Migrate {
         sink: String,
         #[source]

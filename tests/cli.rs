@@ -91,6 +91,23 @@ fn check_config_explains_what_is_wrong() {
     let output = run(&["check-config", "--config", "absent.toml"], dir.path());
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("absent.toml"));
+
+    // A backend's reason is said once, not `X: X`.
+    #[cfg(feature = "timescaledb")]
+    {
+        std::fs::write(
+            dir.path().join("k.toml"),
+            "[sinks.timescaledb]\nuri = \"postgres://k@127.0.0.1:9/db\"\nchunk_interval = \"1 month\"\n",
+        )
+        .unwrap();
+        let message = stderr(&run(&["check-config", "--config", "k.toml"], dir.path()));
+        assert_eq!(
+            message.matches("is not of the form").count(),
+            1,
+            "{message}"
+        );
+        assert!(message.contains("[sinks.timescaledb]"), "{message}");
+    }
 }
 
 #[test]

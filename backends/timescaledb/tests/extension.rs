@@ -78,6 +78,13 @@ async fn the_hypertable_and_its_policies_follow_the_config_and_keep_their_jobs()
     if let Some(Flavor::ApacheOnly { .. }) = first.flavor() {
         assert!(jobs(&url).await.is_empty(), "Apache-only has no policies");
         assert!(first.notices().iter().any(|n| n.contains("no compression")));
+        // Apache-only TimescaleDB is TimescaleDB: `required` starts on it.
+        let required = sink(&url, |o| {
+            o.extension = ExtensionMode::Required;
+            o.settings.compress_after_days = 0;
+        })
+        .await;
+        assert!(matches!(required.flavor(), Some(Flavor::ApacheOnly { .. })));
         return;
     }
     let initial = jobs(&url).await;
