@@ -58,6 +58,30 @@ async fn jobs(url: &str) -> Vec<(String, i32, String, String)> {
     jobs
 }
 
+/// `required` refuses `url` with an error containing every part of `refusal`; `auto` then starts
+/// on plain PostgreSQL tables. Returns the `auto` sink.
+async fn required_refuses_auto_runs_plain(url: &str, refusal: &[&str]) -> TimescaleSink {
+    let mut options = TimescaleOptions::new(url);
+    options.extension = ExtensionMode::Required;
+    let err = TimescaleSink::connect(options.clone())
+        .unwrap()
+        .migrate()
+        .await
+        .expect_err("required refuses");
+    for part in refusal {
+        assert!(
+            err.detailed().contains(part),
+            "{} lacks {part}",
+            err.detailed()
+        );
+    }
+    options.extension = ExtensionMode::Auto;
+    let sink = TimescaleSink::connect(options).unwrap();
+    sink.migrate().await.expect("auto starts");
+    assert_eq!(sink.flavor(), Some(Flavor::PlainPostgres));
+    sink
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hypertable_and_its_policies_follow_the_config_and_keep_their_jobs() {
     if !on(&["timescaledb", "apache"]) {
@@ -210,22 +234,7 @@ async fn without_the_right_to_create_the_extension_auto_falls_back_and_required_
     .await
     .unwrap();
     let url = admin.replacen("://postgres@", "://kohaku_noext@", 1);
-
-    let mut options = TimescaleOptions::new(&url);
-    options.extension = ExtensionMode::Required;
-    let err = TimescaleSink::connect(options.clone())
-        .unwrap()
-        .migrate()
-        .await
-        .expect_err("required refuses");
-    let message = err.detailed();
-    assert!(message.contains("permission denied"), "{message}");
-    assert!(message.contains("superuser"), "{message}");
-
-    options.extension = ExtensionMode::Auto;
-    let sink = TimescaleSink::connect(options).unwrap();
-    sink.migrate().await.expect("auto starts");
-    assert_eq!(sink.flavor(), Some(Flavor::PlainPostgres));
+    let sink = required_refuses_auto_runs_plain(&url, &["permission denied", "superuser"]).await;
     let fallbacks = sink
         .counters()
         .into_iter()
@@ -253,25 +262,8 @@ async fn without_preloading_auto_falls_back_and_required_names_the_setting() {
         return;
     }
     let cluster = UnpreloadedCluster::start();
-    let url = cluster.url.clone();
-    let mut options = TimescaleOptions::new(&url);
-    options.extension = ExtensionMode::Required;
-    let err = TimescaleSink::connect(options.clone())
-        .unwrap()
-        .migrate()
-        .await
-        .expect_err("required refuses");
-    assert!(
-        err.detailed().contains("shared_preload_libraries"),
-        "{}",
-        err.detailed()
-    );
-    options.extension = ExtensionMode::Auto;
-    let sink = TimescaleSink::connect(options).unwrap();
-    sink.migrate().await.expect("auto starts");
-    assert_eq!(sink.flavor(), Some(Flavor::PlainPostgres));
+    let sink = required_refuses_auto_runs_plain(&cluster.url, &["shared_preload_libraries"]).await;
     assert!(sink.notices().iter().any(|n| n.contains("preload")));
-    drop(sink);
 }
 
 /// An existing plain table of 3 million rows becomes a hypertable at start-up although every
@@ -320,21 +312,6 @@ async fn on_plain_postgresql_required_refuses_and_auto_runs_without_a_fallback()
         return;
     }
     let url = fresh_database("plain_modes").await;
-    let mut options = TimescaleOptions::new(&url);
-    options.extension = ExtensionMode::Required;
-    let err = TimescaleSink::connect(options.clone())
-        .unwrap()
-        .migrate()
-        .await
-        .expect_err("required refuses");
-    assert!(
-        err.detailed().contains("install TimescaleDB"),
-        "{}",
-        err.detailed()
-    );
-    options.extension = ExtensionMode::Auto;
-    let sink = TimescaleSink::connect(options).unwrap();
-    sink.migrate().await.unwrap();
-    assert_eq!(sink.flavor(), Some(Flavor::PlainPostgres));
+    let sink = required_refuses_auto_runs_plain(&url, &["install TimescaleDB"]).await;
     assert!(sink.notices().is_empty(), "{:?}", sink.notices());
 }
