@@ -415,8 +415,9 @@ mod with_postgresql {
             health["spool"]["oldest_unsent_seconds"]["timescaledb"], 0.0,
             "{health}"
         );
-        drop(lock);
+        // Counted while the lock still holds SQLite back (WAL: readers are not blocked by it).
         assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rtc_stats"), 0);
+        drop(lock);
 
         let in_sqlite =
             wait_for_sqlite_rows(&db, acknowledged.objects(), Duration::from_secs(20)).await;
