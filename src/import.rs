@@ -1,4 +1,4 @@
-//! `kohaku import`: Sora's `rtc_stats.jsonl` log files (PROTOCOL.md §2) through the same pipeline
+//! `kohaku import`: Sora's `rtc_stats.jsonl` log files (docs/protocol.md §3) through the same pipeline
 //! and sinks as the HTTP ingest.
 //!
 //! Files are read line by line on a blocking thread; consecutive lines of one connection with the

@@ -1,6 +1,7 @@
 //! What Sora sends, parsed and validated into [`Report`]s: the stats exporter's body (Sora before
 //! 2025.2, [`parse_report`]), the stats webhook's body (Sora 2025.2 and later, [`parse_webhook`]) and
-//! the lines of its `rtc_stats.jsonl` log ([`parse_log_line`]). The README's "Pointing Sora at Kohaku" describes all three.
+//! the lines of its `rtc_stats.jsonl` log ([`parse_log_line`]). `docs/protocol.md` is the contract for all
+//! three.
 //!
 //! The body is parsed once, borrowing from the request bytes. Each stats object is read only for
 //! its `id`, `type` and `timestamp`; its JSON text is kept byte for byte, so nothing a client sent
@@ -16,7 +17,7 @@ use time::format_description::well_known::Rfc3339;
 pub const EXPORTER_TYPE_HEADER: &str = "x-sora-stats-exporter-type";
 pub const CONNECTION_USER_AGENT: &str = "connection.user-agent";
 /// The header Sora sets on every stats-webhook request: inferred from the gateway Sora's vendor
-/// wrote, not documented by Sora (the README's "Pointing Sora at Kohaku").
+/// wrote, not documented by Sora (`docs/protocol.md` §1).
 pub const WEBHOOK_TYPE_HEADER: &str = "sora-stats-webhook-type";
 /// The stats webhook's type for one connection's `getStats()` result, and the `type` of the log
 /// lines that carry one of its stats objects each.

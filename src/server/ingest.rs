@@ -1,6 +1,6 @@
 //! The ingest listener's routes: Sora's stats webhook (`server.webhook_path`, HTTP/1.1 or HTTP/2),
 //! its stats exporter (`POST /collector`, HTTP/2) and `GET /.ok`. The README's "Pointing Sora at
-//! Kohaku" and "Answers" describe them.
+//! Kohaku" and `docs/protocol.md` describe them.
 
 use std::borrow::Cow;
 use std::sync::Arc;

@@ -78,7 +78,7 @@ enum Shape {
     /// `connection.user-agent`: the log lines' envelope without `id`, `group_id` or `log_written`.
     Exporter,
     /// `connection.rtc`: the log lines' envelope (with `id`, `group_id` and, to check that unknown
-    /// members are ignored, `log_written`) and a `stats` array (PROTOCOL.md §1a).
+    /// members are ignored, `log_written`) and a `stats` array (docs/protocol.md §1).
     Webhook,
 }
 
