@@ -214,8 +214,11 @@ impl App {
     pub async fn shutdown(self) -> ShutdownSummary {
         self.ready.store(false, Ordering::SeqCst);
         tracing::info!("shutting down: no new connections; finishing open requests");
+        // One deadline for the whole shutdown, as pipeline.shutdown_timeout_secs promises: the
+        // listener's drain and the sinks' flush share it.
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.ingest_server.shutdown(self.shutdown_timeout).await;
-        let summary = self.pipeline.shutdown().await;
+        let summary = self.pipeline.shutdown_by(deadline).await;
         self.exporter_server
             .shutdown(EXPORTER_SHUTDOWN_DEADLINE)
             .await;
@@ -256,10 +259,10 @@ impl Delivery {
         self.health().metrics()
     }
 
-    async fn shutdown(self) -> ShutdownSummary {
+    async fn shutdown_by(self, deadline: tokio::time::Instant) -> ShutdownSummary {
         match self {
-            Self::Queue(pipeline) => pipeline.shutdown().await,
-            Self::Spool(pipeline) => pipeline.shutdown().await,
+            Self::Queue(pipeline) => pipeline.shutdown_by(deadline).await,
+            Self::Spool(pipeline) => pipeline.shutdown_by(deadline).await,
         }
     }
 }

@@ -462,6 +462,13 @@ impl Pipeline {
     /// closed, or once `shutdown_timeout` has passed (whatever is still unwritten is counted and
     /// logged).
     pub async fn shutdown(self) -> ShutdownSummary {
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.shutdown_by(deadline).await
+    }
+
+    /// [`Pipeline::shutdown`] with the deadline of a shutdown that began earlier (the listener's
+    /// drain took part of it): `pipeline.shutdown_timeout_secs` bounds the whole shutdown.
+    pub async fn shutdown_by(self, deadline: tokio::time::Instant) -> ShutdownSummary {
         self.ingest.permits.close();
         let _ = self.closing.send(true);
         let queued = self.ingest.queued_rows();
@@ -471,7 +478,7 @@ impl Pipeline {
             "flushing queued stats to the sinks"
         );
         let give_up = self.give_up;
-        let deadline = tokio::time::sleep(self.shutdown_timeout);
+        let deadline = tokio::time::sleep_until(deadline);
         let all_done = async {
             if let Err(err) = self.batcher.await {
                 tracing::error!(error = %err, "batcher task failed");

@@ -93,10 +93,9 @@ impl SpooledPipeline {
         self.health.clone()
     }
 
-    /// Syncs the spool and refuses further appends, then lets every sink catch up for up to
-    /// `shutdown_timeout`; what a sink has not stored by then stays in the spool for the next
-    /// start.
-    pub async fn shutdown(mut self) -> ShutdownSummary {
+    /// Syncs the spool and refuses further appends, then lets every sink catch up until
+    /// `deadline`; what a sink has not stored by then stays in the spool for the next start.
+    pub async fn shutdown_by(mut self, deadline: tokio::time::Instant) -> ShutdownSummary {
         self.spool.close_writer().await;
         let _ = self.closing.send(true);
         tracing::info!(
@@ -115,7 +114,7 @@ impl SpooledPipeline {
         tokio::pin!(all_done);
         tokio::select! {
             () = &mut all_done => {}
-            () = tokio::time::sleep(self.shutdown_timeout) => {
+            () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(timeout_secs = self.shutdown_timeout.as_secs(), "shutdown timeout reached; what the sinks have not stored stays in the spool");
                 let _ = self.give_up.send(true);
                 all_done.await;
