@@ -28,39 +28,54 @@ pub enum BuildError {
     },
 }
 
-/// Checks every configured sink's settings without opening or contacting anything.
+/// Checks every configured sink's settings without opening or contacting anything. A sink whose
+/// backend was not compiled in is refused here, in one place, naming the feature to build with.
 pub fn check(config: &SinksConfig) -> Result<(), BuildError> {
-    if let Some(sqlite) = &config.sqlite {
-        check_sqlite(sqlite)?;
+    if let Some(_sqlite) = &config.sqlite {
+        compiled("sqlite", cfg!(feature = "sqlite"))?;
     }
-    if let Some(timescaledb) = &config.timescaledb {
-        check_timescaledb(timescaledb)?;
+    if let Some(_timescaledb) = &config.timescaledb {
+        compiled("timescaledb", cfg!(feature = "timescaledb"))?;
+        #[cfg(feature = "timescaledb")]
+        check_timescaledb(_timescaledb)?;
     }
-    if let Some(timestream) = &config.timestream {
-        check_timestream(timestream)?;
+    if let Some(_timestream) = &config.timestream {
+        compiled("timestream", cfg!(feature = "timestream"))?;
+        #[cfg(feature = "timestream")]
+        check_timestream(_timestream)?;
     }
     Ok(())
+}
+
+/// Each backend's Cargo feature has the backend's name.
+fn compiled(sink: &'static str, enabled: bool) -> Result<(), BuildError> {
+    if enabled {
+        Ok(())
+    } else {
+        Err(BuildError::NotCompiled {
+            sink,
+            feature: sink,
+        })
+    }
 }
 
 /// Opens every configured sink. Network connections are made lazily, on first use.
 pub fn build(config: &SinksConfig) -> Result<Vec<Arc<dyn StatsSink>>, BuildError> {
     check(config)?;
     let mut sinks: Vec<Arc<dyn StatsSink>> = Vec::new();
+    #[cfg(feature = "sqlite")]
     if let Some(sqlite) = &config.sqlite {
         sinks.push(build_sqlite(sqlite)?);
     }
+    #[cfg(feature = "timescaledb")]
     if let Some(timescaledb) = &config.timescaledb {
         sinks.push(build_timescaledb(timescaledb)?);
     }
+    #[cfg(feature = "timestream")]
     if let Some(timestream) = &config.timestream {
         sinks.push(build_timestream(timestream)?);
     }
     Ok(sinks)
-}
-
-#[cfg(feature = "sqlite")]
-fn check_sqlite(_config: &crate::config::SqliteSinkConfig) -> Result<(), BuildError> {
-    Ok(())
 }
 
 #[cfg(feature = "sqlite")]
@@ -75,24 +90,6 @@ fn build_sqlite(
     })?;
     tracing::info!(path = %config.path.display(), "sqlite sink opened");
     Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "sqlite"))]
-fn check_sqlite(_config: &crate::config::SqliteSinkConfig) -> Result<(), BuildError> {
-    Err(BuildError::NotCompiled {
-        sink: "sqlite",
-        feature: "sqlite",
-    })
-}
-
-#[cfg(not(feature = "sqlite"))]
-fn build_sqlite(
-    _config: &crate::config::SqliteSinkConfig,
-) -> Result<Arc<dyn StatsSink>, BuildError> {
-    Err(BuildError::NotCompiled {
-        sink: "sqlite",
-        feature: "sqlite",
-    })
 }
 
 #[cfg(feature = "timescaledb")]
@@ -138,24 +135,6 @@ fn build_timescaledb(
     )?;
     tracing::info!(database = sink.redacted_uri(), "timescaledb sink prepared");
     Ok(Arc::new(sink))
-}
-
-#[cfg(not(feature = "timescaledb"))]
-fn check_timescaledb(_config: &crate::config::TimescaleSinkConfig) -> Result<(), BuildError> {
-    Err(BuildError::NotCompiled {
-        sink: "timescaledb",
-        feature: "timescaledb",
-    })
-}
-
-#[cfg(not(feature = "timescaledb"))]
-fn build_timescaledb(
-    _config: &crate::config::TimescaleSinkConfig,
-) -> Result<Arc<dyn StatsSink>, BuildError> {
-    Err(BuildError::NotCompiled {
-        sink: "timescaledb",
-        feature: "timescaledb",
-    })
 }
 
 #[cfg(feature = "timestream")]
@@ -206,24 +185,6 @@ fn build_timestream(
     Ok(Arc::new(sink))
 }
 
-#[cfg(not(feature = "timestream"))]
-fn check_timestream(_config: &crate::config::TimestreamSinkConfig) -> Result<(), BuildError> {
-    Err(BuildError::NotCompiled {
-        sink: "timestream",
-        feature: "timestream",
-    })
-}
-
-#[cfg(not(feature = "timestream"))]
-fn build_timestream(
-    _config: &crate::config::TimestreamSinkConfig,
-) -> Result<Arc<dyn StatsSink>, BuildError> {
-    Err(BuildError::NotCompiled {
-        sink: "timestream",
-        feature: "timestream",
-    })
-}
-
 /// Creates or upgrades every sink's schema.
 pub async fn migrate(sinks: &[Arc<dyn StatsSink>]) -> Result<(), BuildError> {
     for sink in sinks {
@@ -234,4 +195,19 @@ pub async fn migrate(sinks: &[Arc<dyn StatsSink>]) -> Result<(), BuildError> {
         tracing::info!(sink = sink.name(), "schema up to date");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_not_compiled_in_names_the_feature_to_build_with() {
+        assert!(compiled("sqlite", true).is_ok());
+        let message = compiled("timestream", false).unwrap_err().to_string();
+        assert!(
+            message.contains("[sinks.timestream]") && message.contains("--features timestream"),
+            "{message}"
+        );
+    }
 }
