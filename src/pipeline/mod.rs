@@ -166,13 +166,51 @@ fn queued_rows(permits: &Semaphore, capacity: u32) -> i64 {
     i64::from(capacity) - permits.available_permits() as i64
 }
 
-/// Why [`Intake::accept`] refused a report.
+/// Why [`Intake::accept`] refused a report, whichever intake it was: all the HTTP layer needs to
+/// know to answer (503 for the first three, 413 for the last).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AcceptError {
-    #[error(transparent)]
-    Queue(#[from] SubmitError),
-    #[error(transparent)]
-    Spool(#[from] AppendError),
+    /// No room now (`what`: `queue` or `spool`); the message says which limit.
+    #[error("{message}")]
+    Full { what: &'static str, message: String },
+    /// The intake cannot take data now (the spool cannot be written).
+    #[error("{message}")]
+    Unavailable { what: &'static str, message: String },
+    /// Kohaku is shutting down.
+    #[error("Kohaku is shutting down")]
+    Closed,
+    /// Larger than the whole intake could ever hold.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl From<SubmitError> for AcceptError {
+    fn from(err: SubmitError) -> Self {
+        match err {
+            SubmitError::QueueFull => Self::Full {
+                what: "queue",
+                message: "the queue is full (pipeline.queue_max_rows)".to_owned(),
+            },
+            SubmitError::Closed => Self::Closed,
+            too_large @ SubmitError::TooLarge { .. } => Self::TooLarge(too_large.to_string()),
+        }
+    }
+}
+
+impl From<AppendError> for AcceptError {
+    fn from(err: AppendError) -> Self {
+        match err {
+            full @ AppendError::Full { .. } => Self::Full {
+                what: "spool",
+                message: full.to_string(),
+            },
+            write @ AppendError::Write(_) => Self::Unavailable {
+                what: "spool",
+                message: write.to_string(),
+            },
+            AppendError::Closed => Self::Closed,
+        }
+    }
 }
 
 /// Where the ingest handler puts an accepted report: the in-memory queue, or the durable spool.

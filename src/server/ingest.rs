@@ -17,12 +17,11 @@ use kohaku_sink::OffsetDateTime;
 use super::{response, HttpResponse, Router};
 use crate::budget::{report_bytes, Held};
 use crate::metrics::{Metrics, RequestLabels};
-use crate::pipeline::{AcceptError, Intake, SinkHealth, SubmitError};
+use crate::pipeline::{AcceptError, Intake, SinkHealth};
 use crate::sora::{
     check_exporter_type, parse_report, parse_webhook, InvalidReport, Protocol, Webhook,
     EXPORTER_TYPE_HEADER, WEBHOOK_TYPE_HEADER,
 };
-use crate::spool::AppendError;
 
 pub const COLLECTOR_PATH: &str = "/collector";
 pub const HEALTH_PATH: &str = "/.ok";
@@ -197,37 +196,25 @@ impl IngestRouter {
                 );
                 response::empty(StatusCode::NO_CONTENT)
             }
-            Err(AcceptError::Queue(SubmitError::QueueFull)) => {
+            Err(AcceptError::Full { what, message }) => {
                 tracing::debug!(
                     protocol = protocol_name,
                     channel_id,
                     connection_id,
                     objects,
-                    "queue full; answering 503"
+                    what,
+                    "no room; answering 503"
                 );
-                unavailable(
-                    "queue",
-                    "the queue is full (pipeline.queue_max_rows); retry later",
-                )
+                unavailable(what, &format!("{message}; retry later"))
             }
-            Err(
-                AcceptError::Queue(SubmitError::Closed) | AcceptError::Spool(AppendError::Closed),
-            ) => unavailable("server", "Kohaku is shutting down; retry later"),
-            Err(AcceptError::Queue(err @ SubmitError::TooLarge { .. })) => {
-                refuse(StatusCode::PAYLOAD_TOO_LARGE, "stats", &err.to_string())
+            Err(AcceptError::Unavailable { what, message }) => {
+                unavailable(what, &format!("{message}; retry later"))
             }
-            Err(AcceptError::Spool(err @ AppendError::Full { .. })) => {
-                tracing::debug!(
-                    protocol = protocol_name,
-                    channel_id,
-                    connection_id,
-                    objects,
-                    "spool full; answering 503"
-                );
-                unavailable("spool", &format!("{err}; retry later"))
+            Err(AcceptError::Closed) => {
+                unavailable("server", "Kohaku is shutting down; retry later")
             }
-            Err(AcceptError::Spool(err @ AppendError::Write(_))) => {
-                unavailable("spool", &format!("{err}; retry later"))
+            Err(AcceptError::TooLarge(message)) => {
+                refuse(StatusCode::PAYLOAD_TOO_LARGE, "stats", &message)
             }
         }
     }
