@@ -1,0 +1,262 @@
+//! One stats object: its `id`, `type` and `timestamp` read in one pass, its nesting and escapes
+//! checked, its text kept byte for byte.
+
+use std::borrow::Cow;
+
+use kohaku_sink::{RawValue, StatsObject};
+
+use super::InvalidReport;
+
+/// Largest stats-object `timestamp` (ms since the epoch) every store keeps: PostgreSQL's
+/// `to_timestamp` ends in the year 294276. Some SDKs send microseconds (≈ 1.7e15), which fit.
+const MAX_OBJECT_TIMESTAMP_MS: f64 = 9.0e15;
+
+/// The three members Kohaku reads from a stats object.
+struct ObjectHead<'a> {
+    id: Option<Cow<'a, str>>,
+    rtc_type: Option<Cow<'a, str>>,
+    timestamp: Option<f64>,
+}
+
+/// Where a stats object sits, for naming its fields in errors.
+#[derive(Clone, Copy)]
+pub(super) enum ObjectAt {
+    /// `stats[i]` of an exporter body.
+    Stats(usize),
+    /// `rtc_data` of a log line.
+    RtcData,
+}
+
+/// Real stats objects nest two or three levels (`qualityLimitationDurations`). Deeper input is
+/// refused here because the stores' JSON functions have depth limits of their own (SQLite's is
+/// 1000): a row they cannot read would break every dashboard query that touches it.
+pub(super) const MAX_OBJECT_DEPTH: usize = 32;
+
+/// Why [`scan_head`] refused an object.
+enum HeadError {
+    TooDeep,
+    /// A member Kohaku reads has the wrong type, or appears twice.
+    Invalid(String),
+}
+
+/// Reads `id`, `type` and `timestamp` from the top level of a stats object and checks its nesting
+/// against `limit`, in one pass. `text` must be one JSON object that serde_json has already
+/// accepted (the body parse did), so the scanner only has to find the members' boundaries:
+/// strings are skipped with `memchr`, and only the three values Kohaku reads are decoded, by
+/// serde_json. Two passes (a nesting scan, then serde) cost twice this (`cargo bench --bench
+/// parse`).
+fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
+    let bytes = text.as_bytes();
+    let mut head = ObjectHead {
+        id: None,
+        rtc_type: None,
+        timestamp: None,
+    };
+    let mut seen = [false; 3];
+    let mut at = skip_whitespace(bytes, 1);
+    while at < bytes.len() && bytes[at] == b'"' {
+        let key_end = string_end(bytes, at);
+        let key = &text[at..key_end];
+        at = skip_whitespace(bytes, key_end);
+        // The ':'.
+        at = skip_whitespace(bytes, at + 1);
+        let value_end = value_end(bytes, at, limit).ok_or(HeadError::TooDeep)?;
+        let value = &text[at..value_end];
+        let slot = match key {
+            "\"id\"" => Some(0),
+            "\"type\"" => Some(1),
+            "\"timestamp\"" => Some(2),
+            // A key spelled with escapes (`"\u0069d"`) is still `id`.
+            _ if key.contains('\\') => match serde_json::from_str::<String>(key).as_deref() {
+                Ok("id") => Some(0),
+                Ok("type") => Some(1),
+                Ok("timestamp") => Some(2),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(slot) = slot {
+            let name = ["id", "type", "timestamp"][slot];
+            if std::mem::replace(&mut seen[slot], true) {
+                return Err(HeadError::Invalid(format!("duplicate field `{name}`")));
+            }
+            let invalid = |err: serde_json::Error| HeadError::Invalid(format!("`{name}`: {err}"));
+            match slot {
+                0 => head.id = string_value(value).map_err(invalid)?,
+                1 => head.rtc_type = string_value(value).map_err(invalid)?,
+                _ => head.timestamp = serde_json::from_str(value).map_err(invalid)?,
+            }
+        }
+        at = skip_whitespace(bytes, value_end);
+        if bytes.get(at) == Some(&b',') {
+            at = skip_whitespace(bytes, at + 1);
+        }
+    }
+    Ok(head)
+}
+
+/// A JSON string or null, borrowed when it holds no escapes.
+fn string_value(value: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Ok(Some(Cow::Borrowed(inner))),
+        _ => serde_json::from_str::<Option<String>>(value).map(|v| v.map(Cow::Owned)),
+    }
+}
+
+fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
+    while bytes.get(at).is_some_and(u8::is_ascii_whitespace) {
+        at += 1;
+    }
+    at
+}
+
+/// The index just past the string that starts at `start` (its opening quote).
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let mut at = start + 1;
+    while let Some(found) = bytes
+        .get(at..)
+        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+    {
+        at += found;
+        if bytes[at] == b'\\' {
+            at += 2;
+        } else {
+            return at + 1;
+        }
+    }
+    bytes.len()
+}
+
+/// The index just past the value that starts at `start`, inside the object (depth 1); `None` when
+/// arrays and objects in it nest deeper than `limit` in all.
+fn value_end(bytes: &[u8], start: usize, limit: usize) -> Option<usize> {
+    match bytes.get(start) {
+        Some(b'"') => Some(string_end(bytes, start)),
+        Some(b'{' | b'[') => {
+            let mut depth = 1usize;
+            let mut at = start;
+            while at < bytes.len() {
+                match bytes[at] {
+                    b'"' => {
+                        at = string_end(bytes, at);
+                        continue;
+                    }
+                    b'{' | b'[' => {
+                        depth += 1;
+                        if depth > limit {
+                            return None;
+                        }
+                    }
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 1 {
+                            return Some(at + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                at += 1;
+            }
+            Some(bytes.len())
+        }
+        _ => Some(
+            bytes[start..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace())
+                .map_or(bytes.len(), |end| start + end),
+        ),
+    }
+}
+
+pub(super) fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
+    let field = |name: &str| match at {
+        ObjectAt::Stats(index) => format!("stats[{index}]{name}"),
+        ObjectAt::RtcData => format!("rtc_data{name}"),
+    };
+    if !raw.get().starts_with('{') {
+        return Err(InvalidReport::new(
+            field(""),
+            "a stats object must be a JSON object",
+        ));
+    }
+    let head = scan_head(raw.get(), MAX_OBJECT_DEPTH).map_err(|err| match err {
+        HeadError::TooDeep => InvalidReport::new(
+            field(""),
+            format!("nested deeper than {MAX_OBJECT_DEPTH} levels; stats objects are flat records"),
+        ),
+        HeadError::Invalid(why) => {
+            InvalidReport::new(field(""), format!("invalid stats object: {why}"))
+        }
+    })?;
+    let rtc_id = head
+        .id
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| InvalidReport::new(field(".id"), "missing or empty `id`"))?;
+    let rtc_type = head
+        .rtc_type
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| InvalidReport::new(field(".type"), "missing or empty `type`"))?;
+    let rtc_timestamp = head.timestamp.filter(|t| t.is_finite()).ok_or_else(|| {
+        InvalidReport::new(
+            field(".timestamp"),
+            "missing `timestamp` (milliseconds since the epoch)",
+        )
+    })?;
+    if !(0.0..=MAX_OBJECT_TIMESTAMP_MS).contains(&rtc_timestamp) {
+        return Err(InvalidReport::new(
+            field(".timestamp"),
+            format!(
+                "{rtc_timestamp} is not a time every store keeps: milliseconds since the epoch, 0 to {MAX_OBJECT_TIMESTAMP_MS:e}"
+            ),
+        ));
+    }
+    if let Some(what) = unstorable_escape(raw.get()) {
+        return Err(InvalidReport::new(
+            field(""),
+            format!("contains {what}, which PostgreSQL's jsonb cannot store"),
+        ));
+    }
+    Ok(StatsObject {
+        rtc_id: rtc_id.into_owned(),
+        rtc_type: rtc_type.into_owned(),
+        rtc_timestamp,
+        rtc_data: raw.to_owned(),
+    })
+}
+
+/// The first escape in `text` (JSON that serde_json accepted) that names a character PostgreSQL's
+/// `jsonb` refuses: `\u0000`, or half of a surrogate pair. Walks from backslash to backslash, so
+/// an escaped backslash followed by `u0000` is not taken for an escape.
+pub(super) fn unstorable_escape(text: &str) -> Option<&'static str> {
+    const LONE: &str = "a lone UTF-16 surrogate escape";
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    // Where a low surrogate must follow a high one.
+    let mut low_expected_at: Option<usize> = None;
+    while let Some(found) = memchr::memchr(b'\\', &bytes[at..]) {
+        let escape = at + found;
+        if low_expected_at.is_some_and(|expected| expected != escape) {
+            return Some(LONE);
+        }
+        if bytes.get(escape + 1) != Some(&b'u') {
+            if low_expected_at.is_some() {
+                return Some(LONE);
+            }
+            at = escape + 2;
+            continue;
+        }
+        let code = bytes
+            .get(escape + 2..escape + 6)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok())?;
+        match (low_expected_at.take(), code) {
+            (Some(_), 0xDC00..=0xDFFF) => {}
+            (Some(_), _) | (None, 0xDC00..=0xDFFF) => return Some(LONE),
+            (None, 0) => return Some("the escape \\u0000 (NUL)"),
+            (None, 0xD800..=0xDBFF) => low_expected_at = Some(escape + 6),
+            (None, _) => {}
+        }
+        at = escape + 6;
+    }
+    low_expected_at.map(|_| LONE)
+}
