@@ -393,7 +393,7 @@ impl Render {
 struct Databases {
     _dir: tempfile::TempDir,
     sqlite: PathBuf,
-    #[cfg(feature = "timescaledb")]
+    #[cfg(all(feature = "timescaledb", feature = "testkit"))]
     postgres: String,
 }
 
@@ -403,7 +403,7 @@ impl Databases {
         let sqlite = dir.path().join("kohaku.db");
         #[allow(unused_mut)]
         let mut config = format!("[sinks.sqlite]\npath = \"{}\"\n", sqlite.display());
-        #[cfg(feature = "timescaledb")]
+        #[cfg(all(feature = "timescaledb", feature = "testkit"))]
         let postgres = {
             let url = kohaku_timescaledb::testkit::fresh_database("dashboards").await;
             config.push_str(&format!(
@@ -438,7 +438,7 @@ impl Databases {
             String::from_utf8_lossy(&output.stderr)
         );
         // The dashboards must read compressed chunks as well as fresh ones.
-        #[cfg(feature = "timescaledb")]
+        #[cfg(all(feature = "timescaledb", feature = "testkit"))]
         if kohaku_timescaledb::testkit::server_flavor() == "timescaledb" {
             kohaku_timescaledb::testkit::execute(
                 &postgres,
@@ -450,14 +450,14 @@ impl Databases {
         Self {
             _dir: dir,
             sqlite,
-            #[cfg(feature = "timescaledb")]
+            #[cfg(all(feature = "timescaledb", feature = "testkit"))]
             postgres,
         }
     }
 
     fn backends(&self) -> Vec<&'static str> {
         let mut backends = vec!["sqlite"];
-        if cfg!(feature = "timescaledb") {
+        if cfg!(all(feature = "timescaledb", feature = "testkit")) {
             backends.push("timescaledb");
         }
         backends
@@ -466,7 +466,7 @@ impl Databases {
     async fn query(&self, backend: &str, sql: &str) -> Result<Vec<Value>, String> {
         match backend {
             "sqlite" => sqlite_query(&self.sqlite, sql),
-            #[cfg(feature = "timescaledb")]
+            #[cfg(all(feature = "timescaledb", feature = "testkit"))]
             "timescaledb" => kohaku_timescaledb::testkit::query_json(&self.postgres, sql).await,
             other => panic!("backend {other} not in this build"),
         }
@@ -636,7 +636,7 @@ async fn every_dashboard_query_runs_and_returns_plausible_data() {
             "the provisioned flag must work on plain PostgreSQL too"
         );
         // With the flag set, as an operator may on TimescaleDB: time_bucket.
-        #[cfg(feature = "timescaledb")]
+        #[cfg(all(feature = "timescaledb", feature = "testkit"))]
         if backend == "timescaledb" && kohaku_timescaledb::testkit::server_flavor() != "plain" {
             let with_time_bucket: Vec<(String, Render)> = renders
                 .iter()

@@ -347,7 +347,7 @@ fn a_missing_file_fails_before_anything_is_imported() {
     );
 }
 
-#[cfg(feature = "timescaledb")]
+#[cfg(all(feature = "timescaledb", feature = "testkit"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imports_the_fixture_logs_into_postgresql_once() {
     use kohaku_timescaledb::testkit;

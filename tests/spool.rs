@@ -356,7 +356,7 @@ async fn a_second_kohaku_cannot_take_the_same_spool() {
     app.shutdown().await;
 }
 
-#[cfg(feature = "timescaledb")]
+#[cfg(all(feature = "timescaledb", feature = "testkit"))]
 mod with_postgresql {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};

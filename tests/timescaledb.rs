@@ -1,5 +1,5 @@
 //! End to end into a real PostgreSQL (the throwaway cluster of scripts/test).
-#![cfg(feature = "timescaledb")]
+#![cfg(all(feature = "timescaledb", feature = "testkit"))]
 
 mod common;
 

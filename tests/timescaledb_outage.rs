@@ -2,7 +2,7 @@
 //! durable spool on. Every other report is a stats webhook over HTTP/1.1, the rest exporter
 //! reports over HTTP/2. This binary stops the shared test cluster, so it holds this one test only
 //! (cargo runs test binaries one after another).
-#![cfg(feature = "timescaledb")]
+#![cfg(all(feature = "timescaledb", feature = "testkit"))]
 
 mod common;
 

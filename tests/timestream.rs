@@ -1,6 +1,6 @@
 //! End to end into Timestream: the real `kohaku` binary, a real HTTP/2 client, the real AWS SDK,
 //! and the moto emulator `scripts/test` starts.
-#![cfg(feature = "timestream")]
+#![cfg(all(feature = "timestream", feature = "testkit"))]
 
 mod common;
 

@@ -625,7 +625,7 @@ pub async fn wait_for_health(exporter: &H2, status: StatusCode, timeout: Duratio
 }
 
 /// Polls until PostgreSQL's `rtc_stats` holds `rows` rows; returns the last count seen.
-#[cfg(feature = "timescaledb")]
+#[cfg(all(feature = "timescaledb", feature = "testkit"))]
 pub async fn wait_for_postgres_rows(url: &str, rows: i64, timeout: Duration) -> i64 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -646,7 +646,7 @@ pub async fn build_sinks(config: &Config) -> Vec<Arc<dyn StatsSink>> {
 
 /// A `[sinks.timescaledb]` for a test database. The fixtures are dated 2025: retention is off so
 /// that no sweep deletes them.
-#[cfg(feature = "timescaledb")]
+#[cfg(all(feature = "timescaledb", feature = "testkit"))]
 pub fn timescaledb_config(url: &str) -> kohaku::config::TimescaleSinkConfig {
     kohaku::config::TimescaleSinkConfig {
         uri: kohaku::config::SecretUri::new(url),

@@ -7,7 +7,9 @@
 //! and move it with one `INSERT … SELECT … ON CONFLICT DO NOTHING`, which keeps them idempotent.
 
 pub mod schema;
-/// Test support (the throwaway cluster of `scripts/test`); no cost unless called.
+/// Test support (the throwaway cluster of `scripts/test`), behind the `testkit` feature so that
+/// nothing test-only is in a release build.
+#[cfg(feature = "testkit")]
 pub mod testkit;
 
 use std::borrow::Cow;

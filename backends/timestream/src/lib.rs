@@ -31,7 +31,9 @@ use kohaku_sink::{SinkCounter, SinkError, StatsBatch, StatsSink, WriteReport};
 use tokio::sync::OnceCell;
 
 pub mod mapping;
-/// Test support shared by this crate's tests and Kohaku's end-to-end tests.
+/// Test support shared by this crate's tests and Kohaku's end-to-end tests, behind the `testkit`
+/// feature so that nothing test-only is in a release build.
+#[cfg(feature = "testkit")]
 pub mod testkit;
 
 use mapping::{MeasureType, PlannedRequest};
