@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnection, StoredStats};
+use kohaku_sink::testkit::conformance::{
+    self, Capabilities, ConformanceTarget, StoredConnection, StoredStats,
+};
 use kohaku_sink::testkit::sample;
 use kohaku_sink::{
     Connection, OffsetDateTime, RawValue, SinkError, StatsBatch, StatsObject, StatsSink,
@@ -248,22 +250,21 @@ impl ConformanceTarget for MotoTarget {
         flattened(&members, "", &mut out);
         Value::Object(out)
     }
+
+    /// moto appends every record it is sent, where Timestream keeps one of identical records;
+    /// `rewrite_sends_identical_records` below checks the half Kohaku is responsible for.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            dedups_on_read: false,
+        }
+    }
 }
 
-/// Every case moto can judge. Not `idempotent_rewrite`: moto appends every record it is sent,
-/// where Timestream keeps one of identical records; `rewrite_sends_identical_records` below
-/// checks the half Kohaku is responsible for.
+/// Every case moto can judge (see `capabilities`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_against_moto() {
     let target = MotoTarget::new("conformance").await;
-    conformance::migrate_is_repeatable(&target).await;
-    conformance::empty_batch(&target).await;
-    conformance::round_trip_every_type(&target).await;
-    conformance::odd_ids_and_unicode(&target).await;
-    conformance::same_id_at_other_times_and_connections(&target).await;
-    conformance::connection_first_and_last_seen(&target).await;
-    conformance::large_batch(&target).await;
-    conformance::unavailable_store_is_transient(&target).await;
+    conformance::run_all(&target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
