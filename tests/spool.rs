@@ -440,12 +440,7 @@ mod with_postgresql {
 
     /// POSTs a stats webhook over HTTP/1.1; `None` when the connection is gone.
     async fn try_post_webhook(client: &H1, body: String) -> Option<StatusCode> {
-        let request = client
-            .request(Method::POST, WEBHOOK_PATH)
-            .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .ok()?;
+        let request = webhook_request(client.request(Method::POST, WEBHOOK_PATH), body);
         client.send(request).await.ok().map(|answer| answer.status)
     }
 

@@ -249,9 +249,7 @@ impl Intake {
             }
         }
     }
-}
 
-impl Intake {
     /// The memory budget requests are read and parsed within.
     pub fn budget(&self) -> &MemoryBudget {
         match self {

@@ -20,13 +20,11 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::pipeline::{AcceptError, Intake, SinkHealth};
 use crate::sora::{
     check_exporter_type, parse_report, parse_webhook, InvalidReport, Protocol, Webhook,
-    EXPORTER_TYPE_HEADER, WEBHOOK_TYPE_HEADER,
+    EXPORTER_TYPE_HEADER, MAX_ERROR_BYTES, WEBHOOK_TYPE_HEADER,
 };
 
 pub const COLLECTOR_PATH: &str = "/collector";
 pub const HEALTH_PATH: &str = "/.ok";
-/// The longest error message answered: it may quote what the client sent (a header's value).
-const MAX_ERROR_BYTES: usize = 512;
 /// The longest webhook type quoted back in an "ignored" answer and its log line.
 const MAX_ECHOED_TYPE_BYTES: usize = 128;
 /// Seconds Sora is asked to wait after a 503.
@@ -292,7 +290,7 @@ impl IngestRouter {
                     return Ok(frames.swap_remove(0));
                 }
                 // The joined copy lives beside the frames until they are dropped.
-                let copied: usize = frames.iter().map(Bytes::len).sum();
+                let copied = received - whole.len();
                 if !budget.try_grow(memory, received) {
                     return Err(self.out_of_memory());
                 }

@@ -66,7 +66,7 @@ pub struct InvalidReport {
 
 /// Longest error message answered and logged: messages quote what the client sent, which must not
 /// come back (or reach the log) unbounded.
-const MAX_ERROR_BYTES: usize = 512;
+pub(crate) const MAX_ERROR_BYTES: usize = 512;
 
 impl InvalidReport {
     pub(super) fn new(field: impl Into<String>, error: impl Into<String>) -> Self {

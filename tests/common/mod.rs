@@ -392,12 +392,7 @@ impl H2 {
 
     /// POST a stats webhook to `path` with Sora's headers.
     pub async fn post_webhook(&self, path: &str, body: impl Into<Bytes>) -> Answer {
-        let request = self
-            .request(Method::POST, path)
-            .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .expect("request");
+        let request = webhook_request(self.request(Method::POST, path), body);
         self.send(request).await.expect("request answered")
     }
 
@@ -408,6 +403,18 @@ impl H2 {
             .expect("request");
         self.send(request).await.expect("request answered")
     }
+}
+
+/// A stats webhook as Sora sends it: its type header, JSON, `body`.
+pub fn webhook_request(
+    builder: http::request::Builder,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    builder
+        .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .expect("request")
 }
 
 /// A TLS connection to Kohaku's test certificate (`localhost`) with `config`.
@@ -491,12 +498,7 @@ impl H1 {
 
     /// POST a stats webhook to `path` with Sora's headers.
     pub async fn post_webhook(&self, path: &str, body: impl Into<Bytes>) -> Answer {
-        let request = self
-            .request(Method::POST, path)
-            .header(WEBHOOK_TYPE.0, WEBHOOK_TYPE.1)
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .expect("request");
+        let request = webhook_request(self.request(Method::POST, path), body);
         self.send(request).await.expect("request answered")
     }
 }
