@@ -9,13 +9,10 @@ use std::time::Duration;
 use kohaku_sink::StatsSink;
 use tokio::net::TcpListener;
 
-use crate::budget::MemoryBudget;
 use crate::config::Config;
 use crate::exporter::ExporterRouter;
 use crate::metrics::Metrics;
-use crate::pipeline::{
-    Intake, Pipeline, PipelineOptions, ShutdownSummary, SinkHealth, SpooledPipeline,
-};
+use crate::pipeline::{Pipeline, PipelineOptions, ShutdownSummary};
 use crate::server::ingest::IngestRouter;
 use crate::server::{tls, HttpLimits, Server};
 use crate::spool::{Spool, SpoolError};
@@ -69,7 +66,7 @@ pub enum StartError {
 pub struct App {
     ingest_server: Server,
     exporter_server: Server,
-    pipeline: Delivery,
+    pipeline: Pipeline,
     ready: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     shutdown_timeout: Duration,
@@ -100,27 +97,16 @@ impl App {
             .map(|sink| sink.name())
             .collect::<Vec<_>>()
             .join(",");
-        let options = PipelineOptions::from(&config.pipeline);
-        let pipeline = match &config.spool {
-            Some(spool) => {
-                let spool = Spool::open(&spool.options())?;
-                metrics.register_spool(spool.monitor());
-                // Half for requests being read and appended, half for the sinks' replay.
-                let requests = options.memory_max_bytes / 2;
-                let budget = MemoryBudget::new(requests);
-                metrics.register_memory(budget.clone());
-                let replay = options.memory_max_bytes - requests;
-                let metrics = Arc::new(metrics);
-                Delivery::Spool(SpooledPipeline::start(
-                    sinks, options, spool, metrics, budget, replay,
-                ))
-            }
-            None => {
-                let budget = MemoryBudget::new(options.memory_max_bytes);
-                metrics.register_memory(budget.clone());
-                Delivery::Queue(Pipeline::start(sinks, options, Arc::new(metrics), budget))
-            }
+        let spool = match &config.spool {
+            Some(spool) => Some(Spool::open(&spool.options())?),
+            None => None,
         };
+        let pipeline = Pipeline::start(
+            sinks,
+            PipelineOptions::from(&config.pipeline),
+            metrics,
+            spool,
+        );
         let metrics = pipeline.metrics();
         let ready = Arc::new(AtomicBool::new(true));
 
@@ -231,39 +217,6 @@ impl App {
             tracing::info!("shutdown finished; every accepted stats object was written");
         }
         summary
-    }
-}
-
-/// The in-memory queue, or the durable spool when `[spool]` is configured.
-enum Delivery {
-    Queue(Pipeline),
-    Spool(SpooledPipeline),
-}
-
-impl Delivery {
-    fn intake(&self) -> Intake {
-        match self {
-            Self::Queue(pipeline) => Intake::Queue(pipeline.ingest()),
-            Self::Spool(pipeline) => pipeline.intake(),
-        }
-    }
-
-    fn health(&self) -> SinkHealth {
-        match self {
-            Self::Queue(pipeline) => pipeline.health(),
-            Self::Spool(pipeline) => pipeline.health(),
-        }
-    }
-
-    fn metrics(&self) -> Arc<Metrics> {
-        self.health().metrics()
-    }
-
-    async fn shutdown_by(self, deadline: tokio::time::Instant) -> ShutdownSummary {
-        match self {
-            Self::Queue(pipeline) => pipeline.shutdown_by(deadline).await,
-            Self::Spool(pipeline) => pipeline.shutdown_by(deadline).await,
-        }
     }
 }
 

@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kohaku_sink::{OffsetDateTime, Report, StatsSink};
 
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, PipelineOptions, SubmitError};
+use crate::pipeline::{Pipeline, PipelineOptions, Queue, SubmitError};
 use crate::sora::{self, LogLine, LogStats};
 
 /// Longer lines are reported and skipped without being held in memory. One stats object per line
@@ -166,16 +166,7 @@ pub struct ImportOptions {
 }
 
 /// What one sink did with the imported objects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SinkTally {
-    pub sink: String,
-    pub written: u64,
-    pub duplicates: u64,
-    /// Refused one by one by the sink (its reason is logged).
-    pub rejected: u64,
-    /// Never stored: refused as a whole, or abandoned at the flush deadline.
-    pub dropped: u64,
-}
+pub use crate::pipeline::SinkTally;
 
 #[derive(Debug, Clone)]
 pub struct ImportSummary {
@@ -280,18 +271,18 @@ pub async fn run(
     let input_count = opened.len();
     let total_bytes: Option<u64> = opened.iter().map(|o| o.size).sum();
 
-    let metrics = Arc::new(Metrics::new());
-    let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_owned()).collect();
     let max_report_objects = MAX_REPORT_OBJECTS
         .min(pipeline.queue_max_rows as usize)
         .max(1);
-    let budget = crate::budget::MemoryBudget::new(pipeline.memory_max_bytes);
-    let pipeline = Pipeline::start(sinks, pipeline, Arc::clone(&metrics), budget);
+    let pipeline = Pipeline::start(sinks, pipeline, Metrics::new(), None);
+    let queue = pipeline
+        .queue()
+        .ok_or_else(|| ImportError::Reader("the pipeline has no queue".to_owned()))?;
     let progress = Arc::new(Progress::default());
     let display = spawn_progress_display(console.clone(), Arc::clone(&progress), total_bytes);
 
     let reader = Reader {
-        ingest: pipeline.ingest(),
+        queue,
         runtime: tokio::runtime::Handle::current(),
         console: console.clone(),
         progress: Arc::clone(&progress),
@@ -302,23 +293,10 @@ pub async fn run(
     };
     let read = tokio::task::spawn_blocking(move || reader.read_all(opened)).await;
     // Whatever the reader managed to queue is flushed, even if it failed.
-    pipeline.shutdown().await;
+    let delivered = pipeline.shutdown().await;
     display.abort();
     console.finish();
     let tally = read.map_err(|err| ImportError::Reader(err.to_string()))?;
-    let sinks = sink_names
-        .into_iter()
-        .map(|sink| {
-            let labels = Metrics::sink(&sink);
-            SinkTally {
-                written: metrics.rows_written.get_or_create(&labels).get(),
-                duplicates: metrics.rows_duplicate.get_or_create(&labels).get(),
-                rejected: metrics.rows_rejected.get_or_create(&labels).get(),
-                dropped: metrics.rows_dropped.get_or_create(&labels).get(),
-                sink,
-            }
-        })
-        .collect();
     Ok(ImportSummary {
         inputs: input_count,
         bytes: progress.bytes.load(Ordering::Relaxed),
@@ -328,7 +306,7 @@ pub async fn run(
         skipped: tally.skipped,
         errors: tally.errors,
         stopped: tally.stopped,
-        sinks,
+        sinks: delivered.sinks,
         elapsed: started.elapsed(),
     })
 }
@@ -436,7 +414,7 @@ struct Tally {
 }
 
 struct Reader {
-    ingest: crate::pipeline::Ingest,
+    queue: Queue,
     runtime: tokio::runtime::Handle,
     console: Console,
     progress: Arc<Progress>,
@@ -585,7 +563,7 @@ impl Reader {
     }
 
     fn submit(&mut self, report: Report) -> Flow {
-        match self.runtime.block_on(self.ingest.submit_waiting(report)) {
+        match self.runtime.block_on(self.queue.submit_waiting(report)) {
             Ok(()) => {
                 self.tally.reports += 1;
                 Flow::Continue

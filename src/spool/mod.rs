@@ -8,6 +8,7 @@
 //! position up to which that sink has stored everything. A segment is deleted once every sink's
 //! cursor has passed it.
 
+mod parsed;
 pub mod reader;
 pub mod record;
 
@@ -20,11 +21,12 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kohaku_sink::OffsetDateTime;
+use kohaku_sink::{OffsetDateTime, Report};
 use tokio::sync::{oneshot, watch};
 
 use crate::sora::Protocol;
 use crate::sync::lock;
+use parsed::ParsedCache;
 pub use reader::{BatchLimit, SpoolBatch, SpoolReader};
 use record::{Format, HEADER_LEN, SEGMENT_MAGIC};
 
@@ -121,6 +123,7 @@ struct Shared {
     sinks: Mutex<BTreeMap<String, SinkProgress>>,
     /// Set by the writer when a write fails, cleared when one succeeds.
     write_error: Mutex<Option<String>>,
+    parsed: Mutex<ParsedCache>,
 }
 
 impl Shared {
@@ -132,15 +135,23 @@ impl Shared {
         self.dir.join(format!("{CURSOR_PREFIX}{sink}"))
     }
 
-    /// Deletes every segment all sinks have passed. The active segment is never below a cursor.
+    /// The report the handler parsed from the record at `at`, while the spool still keeps it.
+    fn parsed_at(&self, at: Position) -> Option<Arc<Report>> {
+        lock(&self.parsed).get(at)
+    }
+
+    /// Deletes every segment all sinks have passed (and forgets their parsed reports). The active
+    /// segment is never below a cursor.
     fn collect_garbage(&self) {
         let oldest_needed = lock(&self.sinks)
             .values()
-            .map(|progress| progress.acked.segment)
+            .map(|progress| progress.acked)
             .min();
         let Some(oldest_needed) = oldest_needed else {
             return;
         };
+        lock(&self.parsed).forget_before(oldest_needed);
+        let oldest_needed = oldest_needed.segment;
         // Held throughout, so that two sinks acknowledging at once do not delete the same file.
         let mut segments = lock(&self.segments);
         let done: Vec<u64> = segments.range(..oldest_needed).copied().collect();
@@ -238,6 +249,7 @@ enum Message {
         received_at: OffsetDateTime,
         protocol: Protocol,
         body: Bytes,
+        parsed: Option<Arc<Report>>,
         reserved: u64,
         done: oneshot::Sender<Result<(), AppendError>>,
     },
@@ -260,6 +272,28 @@ impl SpoolAppender {
         protocol: Protocol,
         body: Bytes,
     ) -> Result<(), AppendError> {
+        self.send(received_at, protocol, body, None).await
+    }
+
+    /// [`SpoolAppender::append`] for a body already parsed into `report`: the readers take the
+    /// report instead of parsing the body again, while the spool's share of memory holds it.
+    pub async fn append_parsed(
+        &self,
+        protocol: Protocol,
+        body: Bytes,
+        report: Arc<Report>,
+    ) -> Result<(), AppendError> {
+        self.send(report.received_at, protocol, body, Some(report))
+            .await
+    }
+
+    async fn send(
+        &self,
+        received_at: OffsetDateTime,
+        protocol: Protocol,
+        body: Bytes,
+        parsed: Option<Arc<Report>>,
+    ) -> Result<(), AppendError> {
         let reserved = record::encoded_len(body.len()) as u64;
         let max_bytes = self.shared.max_bytes;
         self.shared
@@ -274,6 +308,7 @@ impl SpoolAppender {
             received_at,
             protocol,
             body,
+            parsed,
             reserved,
             done,
         };
@@ -357,6 +392,7 @@ impl Spool {
             committed,
             sinks: Mutex::new(BTreeMap::new()),
             write_error: Mutex::new(None),
+            parsed: Mutex::new(ParsedCache::default()),
         });
         let (sender, receiver) = std_mpsc::channel();
         let writer = Writer {
@@ -420,6 +456,12 @@ impl Spool {
 
     pub fn bytes(&self) -> u64 {
         self.shared.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Keeps up to `max_bytes` of the reports appended with [`SpoolAppender::append_parsed`] for
+    /// the readers (none until this is called).
+    pub fn keep_parsed(&self, max_bytes: u64) {
+        lock(&self.shared.parsed).set_max_bytes(max_bytes);
     }
 }
 
@@ -524,7 +566,13 @@ struct Writer {
     buffer: Vec<u8>,
 }
 
-type Waiting = (u64, oneshot::Sender<Result<(), AppendError>>);
+/// An append written but not yet committed: its reservation, its answer, and the report to keep
+/// for the readers once it is.
+struct Waiting {
+    reserved: u64,
+    done: oneshot::Sender<Result<(), AppendError>>,
+    parsed: Option<(Position, Arc<Report>)>,
+}
 
 impl Writer {
     fn run(mut self, receiver: std_mpsc::Receiver<Message>) {
@@ -556,6 +604,7 @@ impl Writer {
                         received_at,
                         protocol,
                         body,
+                        parsed,
                         reserved,
                         done,
                     } => {
@@ -566,7 +615,11 @@ impl Writer {
                             self.commit(std::mem::take(&mut waiting), &mut last_sync);
                         }
                         match self.append(received_at, protocol, &body) {
-                            Ok(()) => waiting.push((reserved, done)),
+                            Ok(at) => waiting.push(Waiting {
+                                reserved,
+                                done,
+                                parsed: parsed.map(|report| (at, report)),
+                            }),
                             Err(err) => {
                                 tracing::error!(error = %err, "cannot start a new spool segment; answering 503");
                                 self.note_write_error(&err);
@@ -596,7 +649,7 @@ impl Writer {
     /// Writes the buffered records (and syncs them, per policy), then answers their requests:
     /// `Ok` only when their own bytes are written. On failure the segment is cut back to what was
     /// written before, and the next append starts a new segment.
-    fn commit(&mut self, waiting: Vec<Waiting>, last_sync: &mut Instant) {
+    fn commit(&mut self, mut waiting: Vec<Waiting>, last_sync: &mut Instant) {
         let result = self.flush().and_then(|()| match self.fsync {
             FsyncPolicy::Always => self.file.sync_data(),
             FsyncPolicy::Interval(interval) => {
@@ -611,12 +664,21 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.written_end = self.position.offset;
+                {
+                    // Before readers learn of the new end, so that they find what they read.
+                    let mut parsed = lock(&self.shared.parsed);
+                    for waiting in &mut waiting {
+                        if let Some((at, report)) = waiting.parsed.take() {
+                            parsed.insert(at, report);
+                        }
+                    }
+                }
                 self.shared.committed.send_replace(self.position);
                 if lock(&self.shared.write_error).take().is_some() {
                     tracing::info!("the spool can be written again");
                 }
-                for (_, done) in waiting {
-                    let _ = done.send(Ok(()));
+                for waiting in waiting {
+                    let _ = waiting.done.send(Ok(()));
                 }
             }
             Err(err) => {
@@ -627,8 +689,8 @@ impl Writer {
                 );
                 self.note_write_error(&err);
                 self.discard_unwritten();
-                for (reserved, done) in waiting {
-                    self.fail(reserved, done, &err);
+                for waiting in waiting {
+                    self.fail(waiting.reserved, waiting.done, &err);
                 }
             }
         }
@@ -671,20 +733,22 @@ impl Writer {
         self.unsynced = false;
     }
 
-    /// Buffers one record, first starting a new segment when the current one is full.
+    /// Buffers one record, first starting a new segment when the current one is full. Returns
+    /// where the record starts.
     fn append(
         &mut self,
         received_at: OffsetDateTime,
         protocol: Protocol,
         body: &[u8],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Position> {
         if self.needs_new_segment() {
             self.rotate()?;
         }
+        let at = self.position;
         let before = self.buffer.len();
         record::encode(received_at, protocol, body, &mut self.buffer);
         self.position.offset += (self.buffer.len() - before) as u64;
-        Ok(())
+        Ok(at)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {

@@ -301,10 +301,17 @@ impl Cursor {
                 Err(DecodeError::Torn { .. }) if at > 0 => return Ok(()),
                 Err(err) => return Err(err),
             };
-            match crate::sora::parse_spooled(record.protocol, record.body, record.received_at) {
+            let parsed = match self.shared.parsed_at(self.position) {
+                Some(report) => Ok(report),
+                None => {
+                    crate::sora::parse_spooled(record.protocol, record.body, record.received_at)
+                        .map(Arc::new)
+                }
+            };
+            match parsed {
                 Ok(report) => {
                     *bytes += report_bytes(&report);
-                    batch.push(Arc::new(report));
+                    batch.push(report);
                 }
                 Err(invalid) => tracing::error!(
                     sink = self.sink,

@@ -466,6 +466,7 @@ fn a_request_is_acknowledged_only_for_its_own_written_bytes() {
         committed,
         sinks: Mutex::new(BTreeMap::new()),
         write_error: Mutex::new(None),
+        parsed: Mutex::new(ParsedCache::default()),
     });
     let writer = Writer {
         shared: Arc::clone(&shared),
@@ -493,6 +494,7 @@ fn a_request_is_acknowledged_only_for_its_own_written_bytes() {
                 received_at: OffsetDateTime::now_utc(),
                 protocol: Protocol::Exporter,
                 body,
+                parsed: None,
                 reserved,
                 done,
             })
@@ -564,4 +566,62 @@ async fn a_backlog_of_large_reports_is_read_in_batches_cut_by_bytes() {
         .await
         .unwrap();
     assert_eq!(next.batch.reports().len(), 1);
+}
+
+/// The handler's parsed report reaches every reader as it is, not parsed again; beyond the
+/// spool's share of memory the oldest are forgotten and parsed from the body, and what every sink
+/// has passed is let go.
+#[tokio::test]
+async fn readers_take_the_handlers_parsed_reports_within_their_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(&options(dir.path(), 1 << 20)).unwrap();
+    let appender = spool.appender();
+    let [mut first, mut second] = readers(&spool, ["first", "second"]);
+    let parse = |seed| {
+        let body = body(seed, 3);
+        let report =
+            crate::sora::parse_spooled(Protocol::Exporter, &body, OffsetDateTime::now_utc())
+                .unwrap();
+        (body, Arc::new(report))
+    };
+    let one_report = crate::budget::report_bytes(&parse(0).1) as u64;
+    spool.keep_parsed(one_report * 3);
+    let mut sent = Vec::new();
+    for seed in 0..5 {
+        let (body, report) = parse(seed);
+        appender
+            .append_parsed(Protocol::Exporter, body, Arc::clone(&report))
+            .await
+            .unwrap();
+        sent.push(report);
+    }
+    assert!(lock(&spool.shared.parsed).bytes() <= one_report * 3);
+    for reader in [&mut first, &mut second] {
+        let read: Vec<_> = drain_batches(reader, rows(100)).await.concat();
+        assert_eq!(read.len(), 5);
+        let shared: Vec<bool> = read
+            .iter()
+            .zip(&sent)
+            .map(|(read, sent)| Arc::ptr_eq(read, sent))
+            .collect();
+        // The two oldest did not fit and were parsed again, equal to what was sent.
+        assert_eq!(shared, [false, false, true, true, true]);
+        for (read, sent) in read.iter().zip(&sent) {
+            assert_eq!(read.connection, sent.connection);
+            assert_eq!(read.received_at, sent.received_at);
+            let objects = |report: &kohaku_sink::Report| -> Vec<String> {
+                report
+                    .stats
+                    .iter()
+                    .map(|o| o.rtc_data.get().to_owned())
+                    .collect()
+            };
+            assert_eq!(objects(read), objects(sent));
+        }
+    }
+    assert_eq!(
+        lock(&spool.shared.parsed).bytes(),
+        0,
+        "every sink has passed them"
+    );
 }
