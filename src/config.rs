@@ -268,170 +268,13 @@ impl SpoolConfig {
     }
 }
 
-/// One table per storage backend; more than one means every report goes to all of them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct SinksConfig {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sqlite: Option<SqliteSinkConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timescaledb: Option<TimescaleSinkConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timestream: Option<TimestreamSinkConfig>,
-}
-
-/// A database URI whose password never appears in printed config, logs or errors.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUri(String);
-
-impl SecretUri {
-    pub fn new(uri: impl Into<String>) -> Self {
-        Self(uri.into())
-    }
-
-    /// The real URI, for the driver only.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn redacted(&self) -> String {
-        redact_uri(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretUri {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.redacted())
-    }
-}
-
-impl Serialize for SecretUri {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.redacted())
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct TimescaleSinkConfig {
-    /// `postgres://user:password@host:5432/database`; TimescaleDB or plain PostgreSQL.
-    pub uri: SecretUri,
-    /// Verify the database's TLS certificate against this CA (verify-full).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_cert_file: Option<PathBuf>,
-    #[serde(default = "TimescaleSinkConfig::default_max_connections")]
-    pub max_connections: u32,
-    /// Rows older than this are deleted (TimescaleDB: retention policy; PostgreSQL: by Kohaku
-    /// hourly). 0 keeps everything.
-    #[serde(default = "TimescaleSinkConfig::default_retention_days")]
-    pub retention_days: u32,
-    /// TimescaleDB only: compress chunks older than this; 0 turns compression off.
-    #[serde(default = "TimescaleSinkConfig::default_compress_after_days")]
-    pub compress_after_days: u32,
-    /// TimescaleDB only: the time span of one chunk, e.g. "1 day" or "6 hours".
-    #[serde(default = "TimescaleSinkConfig::default_chunk_interval")]
-    pub chunk_interval: String,
-    /// Seconds any statement may run before the server cancels it (and Kohaku retries).
-    #[serde(default = "TimescaleSinkConfig::default_statement_timeout_secs")]
-    pub statement_timeout_secs: u64,
-    /// Whether to use the timescaledb extension: `auto`, `required` or `off`.
-    #[serde(default)]
-    pub extension: ExtensionMode,
-}
-
-/// Whether the TimescaleDB sink uses the timescaledb extension.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ExtensionMode {
-    /// Every feature the server gives (a hypertable; compression and policies where licensed),
-    /// else plain PostgreSQL, saying what was given up and why.
-    #[default]
-    Auto,
-    /// Refuse to start unless the extension can be used, saying what to preload or grant.
-    Required,
-    /// Plain PostgreSQL tables, even where the extension is available.
-    Off,
-}
-
-impl TimescaleSinkConfig {
-    fn default_max_connections() -> u32 {
-        10
-    }
-    fn default_retention_days() -> u32 {
-        60
-    }
-    fn default_compress_after_days() -> u32 {
-        7
-    }
-    fn default_chunk_interval() -> String {
-        "1 day".to_owned()
-    }
-    fn default_statement_timeout_secs() -> u64 {
-        60
-    }
-}
-
-/// Amazon Timestream for LiveAnalytics. Credentials come from the standard AWS chain
-/// (environment, profile, web identity, container or instance role), never from this file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct TimestreamSinkConfig {
-    /// Unset: the region the AWS chain finds (`AWS_REGION`, the profile, instance metadata).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub region: Option<String>,
-    pub database: String,
-    pub table: String,
-    /// Unset: Timestream's endpoint discovery. Set (a VPC endpoint, an emulator): that endpoint,
-    /// discovery off.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub endpoint_url: Option<String>,
-    /// `kohaku migrate` (and start-up) create the database and table when missing and keep the
-    /// table's retention equal to the two settings below.
-    pub create_if_missing: bool,
-    pub memory_store_retention_hours: u32,
-    pub magnetic_store_retention_days: u32,
-    /// Records per WriteRecords call, at most Timestream's 100.
-    pub max_records_per_write: usize,
-    /// WriteRecords calls in flight at once.
-    pub max_concurrent_writes: usize,
-    /// Seconds one attempt of a call may take before the SDK retries it.
-    pub request_timeout_secs: u64,
-}
-
-impl Default for TimestreamSinkConfig {
-    fn default() -> Self {
-        Self {
-            region: None,
-            database: "kohaku".to_owned(),
-            table: "rtc_stats".to_owned(),
-            endpoint_url: None,
-            create_if_missing: false,
-            memory_store_retention_hours: 24,
-            magnetic_store_retention_days: 365,
-            max_records_per_write: 100,
-            max_concurrent_writes: 4,
-            request_timeout_secs: 20,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SqliteSinkConfig {
-    /// Relative paths are relative to Kohaku's working directory.
-    pub path: PathBuf,
-    pub busy_timeout_ms: u64,
-}
-
-impl Default for SqliteSinkConfig {
-    fn default() -> Self {
-        Self {
-            path: PathBuf::from("kohaku.db"),
-            busy_timeout_ms: 5_000,
-        }
-    }
-}
+/// The backends' own configuration types, from their crates (see [`crate::sinks`]).
+pub use crate::sinks::{
+    SinksConfig, SqliteConfig as SqliteSinkConfig, TimescaleConfig as TimescaleSinkConfig,
+    TimestreamConfig as TimestreamSinkConfig,
+};
+#[cfg(feature = "timescaledb")]
+pub use kohaku_timescaledb::{ExtensionMode, SecretUri};
 
 /// Bounds of HTTP/2's SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2).
 const H2_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;
@@ -675,13 +518,8 @@ impl Config {
         }
 
         // Time settings far past any sensible value are typos; some would also overflow a timer
-        // or a store's own limit (SQLite's busy timeout is an i32 of milliseconds, PostgreSQL's
-        // statement_timeout too) and fail only at start-up or at the first write.
-        const HOUR_MS: u64 = 3_600_000;
-        const DAY_SECS: u64 = 86_400;
-        let sinks = self.sinks.as_ref();
-        let sqlite = sinks.and_then(|sinks| sinks.sqlite.as_ref());
-        let timescaledb = sinks.and_then(|sinks| sinks.timescaledb.as_ref());
+        // and fail only at start-up. The backends bound their own in their `validate`.
+        use kohaku_sink::{DAY_SECS, HOUR_MS};
         for (key, value, max, unit) in [
             (
                 "pipeline.batch_max_wait_ms",
@@ -725,24 +563,10 @@ impl Config {
                 HOUR_MS,
                 "ms",
             ),
-            (
-                "sinks.sqlite.busy_timeout_ms",
-                sqlite.map(|s| s.busy_timeout_ms),
-                HOUR_MS,
-                "ms",
-            ),
-            (
-                "sinks.timescaledb.statement_timeout_secs",
-                timescaledb.map(|s| s.statement_timeout_secs),
-                DAY_SECS,
-                "s",
-            ),
         ] {
-            if let Some(value) = value.filter(|value| *value > max) {
-                return Err(invalid(
-                    key,
-                    format!("{value} {unit} is more than the largest accepted value, {max} {unit}"),
-                ));
+            if let Some(value) = value {
+                kohaku_sink::InvalidSetting::check_at_most(key, value, max, unit)
+                    .map_err(|too_large| invalid(key, too_large.message))?;
             }
         }
         // What `serve` would refuse only after creating files: paths that cannot be used.
@@ -761,33 +585,6 @@ impl Config {
         if let Some(spool) = &self.spool {
             not_a_directory("spool.dir", &spool.dir)?;
         }
-        if let Some(sqlite) = sqlite {
-            let parent = sqlite
-                .path
-                .parent()
-                .filter(|parent| !parent.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !parent.is_dir() {
-                return Err(invalid(
-                    "sinks.sqlite.path",
-                    format!(
-                        "{}: the directory {} does not exist (Kohaku creates the database file, not its directory)",
-                        sqlite.path.display(),
-                        parent.display()
-                    ),
-                ));
-            }
-            if sqlite.path.is_dir() {
-                return Err(invalid(
-                    "sinks.sqlite.path",
-                    format!(
-                        "{} is a directory, not a database file",
-                        sqlite.path.display()
-                    ),
-                ));
-            }
-        }
-
         if let Some(sinks) = &self.sinks {
             if *sinks == SinksConfig::default() {
                 return Err(invalid(
@@ -795,35 +592,9 @@ impl Config {
                     "the table names no sink: add e.g. [sinks.sqlite], or remove [sinks] to use SQLite at ./kohaku.db".into(),
                 ));
             }
-            if let Some(sqlite) = &sinks.sqlite {
-                if sqlite.path.as_os_str().is_empty() {
-                    return Err(invalid("sinks.sqlite.path", "must not be empty".into()));
-                }
-            }
-            if let Some(timescaledb) = &sinks.timescaledb {
-                let uri = timescaledb.uri.expose();
-                if !(uri.starts_with("postgres://") || uri.starts_with("postgresql://")) {
-                    return Err(invalid(
-                        "sinks.timescaledb.uri",
-                        format!(
-                            "{} must start with postgres:// or postgresql://",
-                            timescaledb.uri.redacted()
-                        ),
-                    ));
-                }
-                if timescaledb.max_connections == 0 {
-                    return Err(invalid(
-                        "sinks.timescaledb.max_connections",
-                        "must be at least 1".into(),
-                    ));
-                }
-                if timescaledb.statement_timeout_secs == 0 {
-                    return Err(invalid(
-                        "sinks.timescaledb.statement_timeout_secs",
-                        "must be at least 1".into(),
-                    ));
-                }
-            }
+            crate::sinks::validate(sinks).map_err(|(sink, setting)| {
+                invalid(&format!("sinks.{sink}.{}", setting.key), setting.message)
+            })?;
         }
         Ok(())
     }
@@ -841,6 +612,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "sqlite")]
     fn empty_file_gives_defaults_with_sqlite() {
         let config = parse("").expect("empty config is valid");
         assert_eq!(config, Config::default());
@@ -893,6 +665,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(all(feature = "sqlite", feature = "timescaledb"))]
     fn validation_errors_name_the_key_and_file() {
         for (text, key) in [
             ("[server]\nhttps = true\n", "server.tls_fullchain_file"),
@@ -952,6 +725,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "timescaledb")]
     fn timescaledb_sink_defaults_and_validation() {
         let config = parse("[sinks.timescaledb]\nuri = 'postgres://k:pw@db/stats'\n").unwrap();
         let sink = config.effective_sinks().timescaledb.unwrap();
@@ -985,6 +759,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "timescaledb")]
     fn passwords_never_print() {
         let config = parse(
             "[sinks.timescaledb]\nuri = 'postgres://kohaku:hunter2@db/stats?password=hunter2'\n",
@@ -1004,6 +779,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "sqlite")]
     fn effective_toml_round_trips() {
         let config = parse("debug = true\n[sinks.sqlite]\npath = 'x.db'\n").unwrap();
         let printed = config.to_effective_toml();
@@ -1014,6 +790,7 @@ mod tests {
     /// Every key Kohaku accepts is documented in config.example.toml, and the file parses to the
     /// defaults it claims.
     #[test]
+    #[cfg(all(feature = "sqlite", feature = "timescaledb", feature = "timestream"))]
     fn example_config_documents_every_key_with_its_default() {
         let example = include_str!("../config.example.toml");
         let uncommented: String = example
@@ -1107,6 +884,7 @@ mod tests {
         }
     }
 
+    #[cfg(all(feature = "sqlite", feature = "timescaledb", feature = "timestream"))]
     fn looks_like_key_or_table(line: &str) -> bool {
         line.starts_with('[')
             || line

@@ -1,10 +1,108 @@
-//! Builds the configured sinks. The only module that knows which backends were compiled in.
+//! The registry of storage backends: each one's configuration type, checks and constructor, as
+//! its crate defines them (`kohaku_<backend>::Config`). The only module that knows which backends
+//! were compiled in: one `#[cfg]` pair per backend below; a backend left out of the build keeps
+//! its `[sinks.<backend>]` table as written and is refused in one place, naming the feature to
+//! build with.
 
 use std::sync::Arc;
 
-use kohaku_sink::{SinkError, StatsSink};
+use kohaku_sink::{InvalidSetting, SinkError, StatsSink};
+use serde::{Deserialize, Serialize};
 
-use crate::config::SinksConfig;
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    pub use kohaku_sqlite::Config;
+    pub const COMPILED: bool = true;
+    pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
+        Ok(std::sync::Arc::new(config.build()?))
+    }
+}
+#[cfg(not(feature = "sqlite"))]
+use not_compiled as sqlite;
+
+#[cfg(feature = "timescaledb")]
+mod timescaledb {
+    pub use kohaku_timescaledb::Config;
+    pub const COMPILED: bool = true;
+    pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
+        Ok(std::sync::Arc::new(config.build()?))
+    }
+}
+#[cfg(not(feature = "timescaledb"))]
+use not_compiled as timescaledb;
+
+#[cfg(feature = "timestream")]
+mod timestream {
+    pub use kohaku_timestream::Config;
+    pub const COMPILED: bool = true;
+    pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
+        Ok(std::sync::Arc::new(config.build()?))
+    }
+}
+#[cfg(not(feature = "timestream"))]
+use not_compiled as timestream;
+
+type Built = Arc<dyn StatsSink>;
+
+/// What stands in for a backend this build lacks.
+#[allow(dead_code)]
+mod not_compiled {
+    pub type Config = super::NotCompiled;
+    pub const COMPILED: bool = false;
+    pub fn build(_: &Config) -> Result<super::Built, super::SinkError> {
+        Err(super::SinkError::classified(
+            false,
+            "this Kohaku was built without this backend",
+        ))
+    }
+}
+
+/// A `[sinks.<backend>]` table for a backend this build lacks, kept as written so that start-up
+/// can say which feature is missing rather than "unknown field". Printed with every URI's
+/// password hidden, as the backend's own type would.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct NotCompiled(toml::Table);
+
+impl Serialize for NotCompiled {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let redacted: toml::Table = self
+            .0
+            .iter()
+            .map(|(key, value)| {
+                let value = match value {
+                    toml::Value::String(text) => toml::Value::String(kohaku_sink::redact_uri(text)),
+                    other => other.clone(),
+                };
+                (key.clone(), value)
+            })
+            .collect();
+        redacted.serialize(serializer)
+    }
+}
+
+#[allow(dead_code)]
+impl NotCompiled {
+    fn validate(&self) -> Result<(), InvalidSetting> {
+        Ok(())
+    }
+}
+
+pub type SqliteConfig = sqlite::Config;
+pub type TimescaleConfig = timescaledb::Config;
+pub type TimestreamConfig = timestream::Config;
+
+/// One table per storage backend; more than one means every report goes to all of them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SinksConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqlite: Option<SqliteConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timescaledb: Option<TimescaleConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestream: Option<TimestreamConfig>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -28,161 +126,55 @@ pub enum BuildError {
     },
 }
 
-/// Checks every configured sink's settings without opening or contacting anything. A sink whose
-/// backend was not compiled in is refused here, in one place, naming the feature to build with.
-pub fn check(config: &SinksConfig) -> Result<(), BuildError> {
-    if let Some(_sqlite) = &config.sqlite {
-        compiled("sqlite", cfg!(feature = "sqlite"))?;
+/// Every configured backend's own checks, without opening or contacting anything. The error
+/// names the backend and its key; the configuration adds the file.
+pub fn validate(config: &SinksConfig) -> Result<(), (&'static str, InvalidSetting)> {
+    let named = |sink| move |invalid| (sink, invalid);
+    if let Some(sqlite) = &config.sqlite {
+        sqlite.validate().map_err(named("sqlite"))?;
     }
-    if let Some(_timescaledb) = &config.timescaledb {
-        compiled("timescaledb", cfg!(feature = "timescaledb"))?;
-        #[cfg(feature = "timescaledb")]
-        check_timescaledb(_timescaledb)?;
+    if let Some(timescaledb) = &config.timescaledb {
+        timescaledb.validate().map_err(named("timescaledb"))?;
     }
-    if let Some(_timestream) = &config.timestream {
-        compiled("timestream", cfg!(feature = "timestream"))?;
-        #[cfg(feature = "timestream")]
-        check_timestream(_timestream)?;
+    if let Some(timestream) = &config.timestream {
+        timestream.validate().map_err(named("timestream"))?;
     }
     Ok(())
 }
 
+/// Refuses a configured backend this build lacks, naming the feature to build with.
+pub fn check(config: &SinksConfig) -> Result<(), BuildError> {
+    compiled("sqlite", config.sqlite.is_some(), sqlite::COMPILED)?;
+    compiled("timescaledb", config.timescaledb.is_some(), timescaledb::COMPILED)?;
+    compiled("timestream", config.timestream.is_some(), timestream::COMPILED)
+}
+
 /// Each backend's Cargo feature has the backend's name.
-fn compiled(sink: &'static str, enabled: bool) -> Result<(), BuildError> {
-    if enabled {
-        Ok(())
-    } else {
-        Err(BuildError::NotCompiled {
+fn compiled(sink: &'static str, configured: bool, compiled: bool) -> Result<(), BuildError> {
+    if configured && !compiled {
+        return Err(BuildError::NotCompiled {
             sink,
             feature: sink,
-        })
+        });
     }
+    Ok(())
 }
 
 /// Opens every configured sink. Network connections are made lazily, on first use.
 pub fn build(config: &SinksConfig) -> Result<Vec<Arc<dyn StatsSink>>, BuildError> {
     check(config)?;
+    let invalid = |sink| move |source| BuildError::Invalid { sink, source };
     let mut sinks: Vec<Arc<dyn StatsSink>> = Vec::new();
-    #[cfg(feature = "sqlite")]
     if let Some(sqlite) = &config.sqlite {
-        sinks.push(build_sqlite(sqlite)?);
+        sinks.push(sqlite::build(sqlite).map_err(invalid("sqlite"))?);
     }
-    #[cfg(feature = "timescaledb")]
     if let Some(timescaledb) = &config.timescaledb {
-        sinks.push(build_timescaledb(timescaledb)?);
+        sinks.push(timescaledb::build(timescaledb).map_err(invalid("timescaledb"))?);
     }
-    #[cfg(feature = "timestream")]
     if let Some(timestream) = &config.timestream {
-        sinks.push(build_timestream(timestream)?);
+        sinks.push(timestream::build(timestream).map_err(invalid("timestream"))?);
     }
     Ok(sinks)
-}
-
-#[cfg(feature = "sqlite")]
-fn build_sqlite(
-    config: &crate::config::SqliteSinkConfig,
-) -> Result<Arc<dyn StatsSink>, BuildError> {
-    let mut options = kohaku_sqlite::SqliteOptions::new(&config.path);
-    options.busy_timeout = std::time::Duration::from_millis(config.busy_timeout_ms);
-    let sink = kohaku_sqlite::SqliteSink::open(&options).map_err(|source| BuildError::Invalid {
-        sink: "sqlite",
-        source,
-    })?;
-    tracing::info!(path = %config.path.display(), "sqlite sink opened");
-    Ok(Arc::new(sink))
-}
-
-#[cfg(feature = "timescaledb")]
-fn timescaledb_options(
-    config: &crate::config::TimescaleSinkConfig,
-) -> kohaku_timescaledb::TimescaleOptions {
-    let mut options = kohaku_timescaledb::TimescaleOptions::new(config.uri.expose());
-    options.ca_cert_file.clone_from(&config.ca_cert_file);
-    options.max_connections = config.max_connections;
-    options.statement_timeout = std::time::Duration::from_secs(config.statement_timeout_secs);
-    options.settings = kohaku_timescaledb::TimescaleSettings {
-        chunk_interval: config.chunk_interval.clone(),
-        compress_after_days: config.compress_after_days,
-        retention_days: config.retention_days,
-    };
-    options.extension = match config.extension {
-        crate::config::ExtensionMode::Auto => kohaku_timescaledb::ExtensionMode::Auto,
-        crate::config::ExtensionMode::Required => kohaku_timescaledb::ExtensionMode::Required,
-        crate::config::ExtensionMode::Off => kohaku_timescaledb::ExtensionMode::Off,
-    };
-    options
-}
-
-#[cfg(feature = "timescaledb")]
-fn check_timescaledb(config: &crate::config::TimescaleSinkConfig) -> Result<(), BuildError> {
-    timescaledb_options(config)
-        .validate()
-        .map_err(|source| BuildError::Invalid {
-            sink: "timescaledb",
-            source,
-        })
-}
-
-#[cfg(feature = "timescaledb")]
-fn build_timescaledb(
-    config: &crate::config::TimescaleSinkConfig,
-) -> Result<Arc<dyn StatsSink>, BuildError> {
-    let sink = kohaku_timescaledb::TimescaleSink::connect(timescaledb_options(config)).map_err(
-        |source| BuildError::Invalid {
-            sink: "timescaledb",
-            source,
-        },
-    )?;
-    tracing::info!(database = sink.redacted_uri(), "timescaledb sink prepared");
-    Ok(Arc::new(sink))
-}
-
-#[cfg(feature = "timestream")]
-fn timestream_options(
-    config: &crate::config::TimestreamSinkConfig,
-) -> kohaku_timestream::TimestreamOptions {
-    let mut options = kohaku_timestream::TimestreamOptions::new(&config.database, &config.table);
-    options.region.clone_from(&config.region);
-    options.endpoint_url.clone_from(&config.endpoint_url);
-    options.create_if_missing = config.create_if_missing;
-    options.memory_store_retention_hours = config.memory_store_retention_hours;
-    options.magnetic_store_retention_days = config.magnetic_store_retention_days;
-    options.max_records_per_write = config.max_records_per_write;
-    options.max_concurrent_writes = config.max_concurrent_writes;
-    options.request_timeout = std::time::Duration::from_secs(config.request_timeout_secs);
-    options
-}
-
-#[cfg(feature = "timestream")]
-fn check_timestream(config: &crate::config::TimestreamSinkConfig) -> Result<(), BuildError> {
-    timestream_options(config)
-        .validate()
-        .map_err(|source| BuildError::Invalid {
-            sink: "timestream",
-            source,
-        })
-}
-
-#[cfg(feature = "timestream")]
-fn build_timestream(
-    config: &crate::config::TimestreamSinkConfig,
-) -> Result<Arc<dyn StatsSink>, BuildError> {
-    let options = timestream_options(config);
-    let sink = kohaku_timestream::TimestreamSink::connect(options).map_err(|source| {
-        BuildError::Invalid {
-            sink: "timestream",
-            source,
-        }
-    })?;
-    let options = sink.options();
-    tracing::info!(
-        database = %options.database,
-        table = %options.table,
-        region = options.region.as_deref().unwrap_or("(from the AWS chain)"),
-        endpoint = options.endpoint_url.as_deref().unwrap_or("(endpoint discovery)"),
-        "timestream sink prepared"
-    );
-    Ok(Arc::new(sink))
 }
 
 /// Creates or upgrades every sink's schema.
@@ -203,8 +195,9 @@ mod tests {
 
     #[test]
     fn a_backend_not_compiled_in_names_the_feature_to_build_with() {
-        assert!(compiled("sqlite", true).is_ok());
-        let message = compiled("timestream", false).unwrap_err().to_string();
+        assert!(compiled("sqlite", true, true).is_ok());
+        assert!(compiled("timestream", false, false).is_ok());
+        let message = compiled("timestream", true, false).unwrap_err().to_string();
         assert!(
             message.contains("[sinks.timestream]") && message.contains("--features timestream"),
             "{message}"

@@ -233,6 +233,40 @@ impl SinkError {
     }
 }
 
+/// A backend setting that cannot work, found without contacting anything. `key` is relative to
+/// the backend's table (`busy_timeout_ms`); Kohaku adds `sinks.<backend>.` and the file's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}`: {message}")]
+pub struct InvalidSetting {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl InvalidSetting {
+    pub fn new(key: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// Refuses a time setting far past any sensible value: a typo, and some would also overflow
+    /// a timer or a store's own limit and fail only at the first write.
+    pub fn check_at_most(key: &'static str, value: u64, max: u64, unit: &str) -> Result<(), Self> {
+        if value > max {
+            return Err(Self::new(
+                key,
+                format!("{value} {unit} is more than the largest accepted value, {max} {unit}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An hour in milliseconds and a day in seconds: the bounds of the time settings.
+pub const HOUR_MS: u64 = 3_600_000;
+pub const DAY_SECS: u64 = 86_400;
+
 /// A backend-specific counter, exported as `kohaku_sink_<name>_total{sink="…"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkCounter {

@@ -3,7 +3,7 @@
 
 use kohaku_sink::testkit::sample;
 use kohaku_sink::StatsSink;
-use kohaku_sqlite::{SqliteOptions, SqliteSink};
+use kohaku_sqlite::{Config, SqliteSink};
 
 fn main() {
     divan::main();
@@ -22,7 +22,7 @@ fn write_5000_rows(bencher: divan::Bencher) {
             seed += 1;
             let dir = tempfile::tempdir().expect("temp dir");
             let sink =
-                SqliteSink::open(&SqliteOptions::new(dir.path().join("bench.db"))).expect("open");
+                SqliteSink::open(&Config::at(dir.path().join("bench.db"))).expect("open");
             runtime.block_on(sink.migrate()).expect("migrate");
             let batch = sample::batch(
                 (0..100).map(|i| sample::report(sample::connection(seed * 1_000 + i), 1.0e12, 50)),

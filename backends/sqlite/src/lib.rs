@@ -3,13 +3,15 @@
 //! SQLite has a single writer, so the sink owns one connection behind a mutex and runs every
 //! statement on tokio's blocking pool.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use kohaku_sink::{format_timestamp, Report, SinkError, StatsBatch, StatsSink, WriteReport};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+
+mod config;
+pub use config::Config;
 
 /// Numbered migrations from `schemas/sqlite/`, applied in order; the applied version is recorded
 /// in `kohaku_schema_migrations`.
@@ -60,25 +62,8 @@ const UPSERT_CONNECTION: &str = "INSERT INTO sora_connection (channel_id, sessio
        simulcast = CASE WHEN excluded.last_seen >= last_seen THEN excluded.simulcast ELSE simulcast END, \
        spotlight = CASE WHEN excluded.last_seen >= last_seen THEN excluded.spotlight ELSE spotlight END";
 
-#[derive(Debug, Clone)]
-pub struct SqliteOptions {
-    pub path: PathBuf,
-    /// How long a statement waits for another process's lock before the write fails (and is
-    /// retried by the pipeline).
-    pub busy_timeout: Duration,
-}
-
-impl SqliteOptions {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            busy_timeout: Duration::from_secs(5),
-        }
-    }
-}
-
 pub struct SqliteSink {
-    options: SqliteOptions,
+    options: Config,
     open: Arc<Mutex<OpenFile>>,
 }
 
@@ -107,7 +92,7 @@ impl OpenFile {
 
     /// Closes the connection (SQLite folds its WAL into the old file and deletes it) and opens
     /// the file now at the path, creating it and its schema if it is gone.
-    fn reopen(&mut self, options: &SqliteOptions) -> Result<(), SinkError> {
+    fn reopen(&mut self, options: &Config) -> Result<(), SinkError> {
         tracing::warn!(
             path = %options.path.display(),
             "sqlite: the database file was deleted or replaced while Kohaku ran; writing to the file now at the path (created if missing)"
@@ -135,7 +120,7 @@ fn replaced_error(path: &Path) -> SinkError {
 }
 
 /// Opens (creating if needed) the database file with Kohaku's settings.
-fn open_connection(options: &SqliteOptions) -> Result<Connection, SinkError> {
+fn open_connection(options: &Config) -> Result<Connection, SinkError> {
     let path = &options.path;
     let context = |what: &str| format!("sqlite {}: {what}", path.display());
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -144,7 +129,7 @@ fn open_connection(options: &SqliteOptions) -> Result<Connection, SinkError> {
     let connection = Connection::open_with_flags(path, flags)
         .map_err(|err| classify(&context("cannot open database"), err))?;
     connection
-        .busy_timeout(options.busy_timeout)
+        .busy_timeout(options.busy_timeout())
         .map_err(|err| classify(&context("cannot set busy timeout"), err))?;
     // WAL lets dashboards read while Kohaku writes; NORMAL is durable against process crashes
     // and only loses the last transactions on power loss.
@@ -166,7 +151,7 @@ fn open_connection(options: &SqliteOptions) -> Result<Connection, SinkError> {
 impl SqliteSink {
     /// Opens (creating if needed) the database file. The schema is created by
     /// [`StatsSink::migrate`].
-    pub fn open(options: &SqliteOptions) -> Result<Self, SinkError> {
+    pub fn open(options: &Config) -> Result<Self, SinkError> {
         let connection = open_connection(options)?;
         let file = file_id(&options.path);
         Ok(Self {
@@ -192,7 +177,7 @@ impl SqliteSink {
     async fn with_open_file<T, F>(&self, work: F) -> Result<T, SinkError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut OpenFile, &SqliteOptions) -> Result<T, SinkError> + Send + 'static,
+        F: FnOnce(&mut OpenFile, &Config) -> Result<T, SinkError> + Send + 'static,
     {
         let open = Arc::clone(&self.open);
         let options = self.options.clone();

@@ -1,12 +1,11 @@
 //! The kohaku-sink conformance suite against a real SQLite file.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnection, StoredStats};
 use kohaku_sink::{parse_timestamp, Connection as SoraConnection, StatsSink};
-use kohaku_sqlite::{SqliteOptions, SqliteSink};
+use kohaku_sqlite::{Config, SqliteSink};
 use rusqlite::{params, Connection, OptionalExtension};
 
 struct SqliteTarget {
@@ -21,8 +20,8 @@ impl SqliteTarget {
     async fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("kohaku.db");
-        let mut options = SqliteOptions::new(&path);
-        options.busy_timeout = Duration::from_millis(200);
+        let mut options = Config::at(&path);
+        options.busy_timeout_ms = 200;
         let sink = Arc::new(SqliteSink::open(&options).expect("open"));
         sink.migrate().await.expect("migrate");
         Self {
@@ -153,7 +152,7 @@ async fn schema_version_is_recorded_and_reopening_keeps_data() {
     assert_eq!(version, kohaku_sqlite::SCHEMA_VERSION);
 
     // A second Kohaku start on the same file migrates nothing and sees the same rows.
-    let reopened = SqliteSink::open(&SqliteOptions::new(&target.path)).expect("reopen");
+    let reopened = SqliteSink::open(&Config::at(&target.path)).expect("reopen");
     reopened.migrate().await.expect("migrate again");
     let migrations: i64 = target
         .reader()
@@ -197,7 +196,7 @@ async fn a_database_of_an_older_version_is_upgraded_in_place() {
         ))
         .expect("schema version 2 with data");
     }
-    let sink = SqliteSink::open(&SqliteOptions::new(&path)).expect("open");
+    let sink = SqliteSink::open(&Config::at(&path)).expect("open");
     sink.migrate().await.expect("upgrade");
     sink.migrate().await.expect("again: a no-op");
     let reader = Connection::open(&path).expect("open");

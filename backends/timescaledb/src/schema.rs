@@ -36,7 +36,8 @@ pub struct ExtensionInfo {
 }
 
 /// Whether the sink uses the timescaledb extension (`[sinks.timescaledb] extension`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ExtensionMode {
     /// Every feature the server gives, else plain PostgreSQL, saying what was given up and why.
     #[default]

@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{TimestreamOptions, TimestreamSink};
+use crate::{Config, TimestreamSink};
 
 pub const URL_VAR: &str = "KOHAKU_TEST_MOTO_URL";
 pub const REGION: &str = "us-east-1";
@@ -83,16 +83,16 @@ pub fn fresh_database(prefix: &str) -> String {
 }
 
 /// Options for a fresh database on `endpoint`, created by `migrate`, with short timeouts.
-pub fn options(endpoint: &str, database: &str) -> TimestreamOptions {
-    let mut options = TimestreamOptions::new(database, "rtc_stats");
+pub fn options(endpoint: &str, database: &str) -> Config {
+    let mut options = Config::new(database, "rtc_stats");
     options.endpoint_url = Some(endpoint.to_owned());
     options.create_if_missing = true;
-    options.request_timeout = Duration::from_secs(2);
+    options.request_timeout_secs = 2;
     options.connect_timeout = Duration::from_secs(1);
     options
 }
 
-pub async fn sink(endpoint: &str, options: TimestreamOptions) -> TimestreamSink {
+pub async fn sink(endpoint: &str, options: Config) -> TimestreamSink {
     TimestreamSink::with_sdk_config(options, sdk_config(endpoint).await).expect("timestream sink")
 }
 

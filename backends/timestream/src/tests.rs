@@ -11,6 +11,7 @@ use aws_smithy_types::body::SdkBody;
 use kohaku_sink::testkit::sample;
 
 use super::*;
+use crate::mapping::PlannedRequest;
 
 fn service_error(err: WriteRecordsError, status: u16) -> SdkError<WriteRecordsError> {
     let status = StatusCode::try_from(status).expect("status");
@@ -19,7 +20,7 @@ fn service_error(err: WriteRecordsError, status: u16) -> SdkError<WriteRecordsEr
 
 #[test]
 fn an_endpoint_turns_discovery_off() {
-    let mut options = TimestreamOptions::new("kohaku", "rtc_stats");
+    let mut options = Config::new("kohaku", "rtc_stats");
     assert_eq!(options.endpoint_mode(), EndpointMode::Discovery);
     options.endpoint_url = Some("http://127.0.0.1:5000".into());
     assert_eq!(
@@ -30,7 +31,7 @@ fn an_endpoint_turns_discovery_off() {
 
 #[test]
 fn settings_are_validated_naming_the_key() {
-    type Change = fn(&mut TimestreamOptions);
+    type Change = fn(&mut Config);
     let cases: Vec<(Change, &str)> = vec![
         (|o| o.database = "ab".into(), "database \"ab\""),
         (|o| o.table = "has space".into(), "table \"has space\""),
@@ -58,10 +59,12 @@ fn settings_are_validated_naming_the_key() {
         (|o| o.region = Some(String::new()), "region is empty"),
     ];
     for (change, expected) in cases {
-        let mut options = TimestreamOptions::new("kohaku", "rtc_stats");
+        let mut options = Config::new("kohaku", "rtc_stats");
         options.validate().expect("defaults are valid");
         change(&mut options);
-        let err = options.validate().expect_err(expected);
+        let err = TimestreamSink::connect(options)
+            .err()
+            .expect(expected);
         assert!(!err.is_transient());
         assert!(err.to_string().contains(expected), "{err} lacks {expected}");
     }
