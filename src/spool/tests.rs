@@ -6,6 +6,8 @@ use kohaku_sink::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::*;
+use std::io::Write;
+use writer::{Message, Writer};
 
 fn body(seed: u64, objects: usize) -> Bytes {
     let stats: Vec<String> = (0..objects)
