@@ -145,8 +145,16 @@ pub fn validate(config: &SinksConfig) -> Result<(), (&'static str, InvalidSettin
 /// Refuses a configured backend this build lacks, naming the feature to build with.
 pub fn check(config: &SinksConfig) -> Result<(), BuildError> {
     compiled("sqlite", config.sqlite.is_some(), sqlite::COMPILED)?;
-    compiled("timescaledb", config.timescaledb.is_some(), timescaledb::COMPILED)?;
-    compiled("timestream", config.timestream.is_some(), timestream::COMPILED)
+    compiled(
+        "timescaledb",
+        config.timescaledb.is_some(),
+        timescaledb::COMPILED,
+    )?;
+    compiled(
+        "timestream",
+        config.timestream.is_some(),
+        timestream::COMPILED,
+    )
 }
 
 /// Each backend's Cargo feature has the backend's name.

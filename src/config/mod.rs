@@ -136,7 +136,6 @@ impl Config {
         toml::to_string_pretty(&effective)
             .unwrap_or_else(|err| format!("# cannot print config: {err}\n"))
     }
-
 }
 
 mod sections;

@@ -157,10 +157,9 @@ fn timescaledb_sink_defaults_and_validation() {
 #[test]
 #[cfg(feature = "timescaledb")]
 fn passwords_never_print() {
-    let config = parse(
-        "[sinks.timescaledb]\nuri = 'postgres://kohaku:hunter2@db/stats?password=hunter2'\n",
-    )
-    .unwrap();
+    let config =
+        parse("[sinks.timescaledb]\nuri = 'postgres://kohaku:hunter2@db/stats?password=hunter2'\n")
+            .unwrap();
     let printed = config.to_effective_toml();
     assert!(!printed.contains("hunter2"), "{printed}");
     assert!(

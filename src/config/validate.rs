@@ -2,7 +2,10 @@
 
 use std::path::Path;
 
-use super::{Config, ConfigError, ConfigSource, FsyncMode, SinksConfig, DEFAULT_WEBHOOK_PATH, RESERVED_INGEST_PATHS};
+use super::{
+    Config, ConfigError, ConfigSource, FsyncMode, SinksConfig, DEFAULT_WEBHOOK_PATH,
+    RESERVED_INGEST_PATHS,
+};
 
 /// Bounds of HTTP/2's SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2).
 const H2_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;

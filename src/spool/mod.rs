@@ -9,9 +9,9 @@
 //! cursor has passed it.
 
 mod parsed;
-mod writer;
 pub mod reader;
 pub mod record;
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -242,7 +242,6 @@ impl SpoolMonitor {
         }
     }
 }
-
 
 /// The handlers' side of the spool. Cheap to clone.
 #[derive(Clone)]

@@ -283,8 +283,8 @@ pub async fn start(config: &Config, sinks: Vec<Arc<dyn StatsSink>>) -> App {
 /// A migrated SQLite sink in `dir`.
 pub async fn sqlite_sink(dir: &Path) -> (Arc<dyn StatsSink>, PathBuf) {
     let path = dir.join("kohaku.db");
-    let sink = kohaku_sqlite::SqliteSink::open(&kohaku_sqlite::Config::at(&path))
-        .expect("sqlite opens");
+    let sink =
+        kohaku_sqlite::SqliteSink::open(&kohaku_sqlite::Config::at(&path)).expect("sqlite opens");
     sink.migrate().await.expect("sqlite migrates");
     (Arc::new(sink), path)
 }

@@ -21,8 +21,7 @@ fn write_5000_rows(bencher: divan::Bencher) {
         .with_inputs(|| {
             seed += 1;
             let dir = tempfile::tempdir().expect("temp dir");
-            let sink =
-                SqliteSink::open(&Config::at(dir.path().join("bench.db"))).expect("open");
+            let sink = SqliteSink::open(&Config::at(dir.path().join("bench.db"))).expect("open");
             runtime.block_on(sink.migrate()).expect("migrate");
             let batch = sample::batch(
                 (0..100).map(|i| sample::report(sample::connection(seed * 1_000 + i), 1.0e12, 50)),

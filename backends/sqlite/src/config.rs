@@ -61,7 +61,10 @@ impl Config {
         if self.path.is_dir() {
             return Err(InvalidSetting::new(
                 "path",
-                format!("{} is a directory, not a database file", self.path.display()),
+                format!(
+                    "{} is a directory, not a database file",
+                    self.path.display()
+                ),
             ));
         }
         Ok(())

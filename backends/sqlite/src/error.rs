@@ -22,7 +22,6 @@ pub fn classify(context: &str, err: rusqlite::Error) -> SinkError {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,8 @@ mod write;
 
 pub use config::Config;
 pub use error::classify;
-pub use migrate::SCHEMA_VERSION;
 use migrate::migrate;
+pub use migrate::SCHEMA_VERSION;
 use write::write_batch;
 
 pub struct SqliteSink {

@@ -32,7 +32,10 @@ const UPSERT_CONNECTION: &str = "INSERT INTO sora_connection (channel_id, sessio
        simulcast = CASE WHEN excluded.last_seen >= last_seen THEN excluded.simulcast ELSE simulcast END, \
        spotlight = CASE WHEN excluded.last_seen >= last_seen THEN excluded.spotlight ELSE spotlight END";
 
-pub(crate) fn write_batch(connection: &mut Connection, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
+pub(crate) fn write_batch(
+    connection: &mut Connection,
+    batch: &StatsBatch,
+) -> Result<WriteReport, SinkError> {
     let fail = |what: &'static str| move |err| classify(what, err);
     let tx = connection
         .transaction()

@@ -223,8 +223,9 @@ impl TimescaleOptions {
             ));
         }
         if let Some(ca) = &self.ca_cert_file {
-            std::fs::metadata(ca)
-                .map_err(|err| InvalidSetting::new("ca_cert_file", format!("{}: {err}", ca.display())))?;
+            std::fs::metadata(ca).map_err(|err| {
+                InvalidSetting::new("ca_cert_file", format!("{}: {err}", ca.display()))
+            })?;
             connect = connect.ssl_mode(PgSslMode::VerifyFull).ssl_root_cert(ca);
         }
         Ok(connect

@@ -11,28 +11,25 @@ mod error;
 mod migrate;
 mod retention;
 pub mod schema;
-mod write;
 /// Test support (the throwaway cluster of `scripts/test`), behind the `testkit` feature so that
 /// nothing test-only is in a release build.
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use kohaku_sink::{
-    redact_uri, SinkCounter, SinkError,
-    StatsBatch, StatsSink, WriteReport,
-};
+use kohaku_sink::{redact_uri, SinkCounter, SinkError, StatsBatch, StatsSink, WriteReport};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::task::JoinHandle;
 
 pub use config::{Config, SecretUri, TimescaleOptions};
-pub use error::{is_transient, is_transient_sqlstate};
 use error::classify;
-pub use write::encode_copy_row;
+pub use error::{is_transient, is_transient_sqlstate};
 pub use schema::{ExtensionMode, Flavor, TimescaleSettings};
+pub use write::encode_copy_row;
 
 /// Arbitrary constant naming Kohaku's migration lock among the database's advisory locks.
 const MIGRATION_LOCK_KEY: i64 = 0x6b6f_6861_6b75;
@@ -40,7 +37,6 @@ const MIGRATION_LOCK_KEY: i64 = 0x6b6f_6861_6b75;
 const WRITABLE_QUERY: &str = "SELECT has_table_privilege('rtc_stats', 'INSERT') \
      AND has_table_privilege('sora_connection', 'INSERT, UPDATE') \
      AND current_setting('transaction_read_only') = 'off'";
-
 
 #[derive(Default)]
 struct Counters {
@@ -96,7 +92,6 @@ impl TimescaleSink {
     pub fn redacted_uri(&self) -> &str {
         &self.redacted_uri
     }
-
 }
 
 #[async_trait]

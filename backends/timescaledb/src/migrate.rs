@@ -14,7 +14,9 @@ use crate::{TimescaleSink, MIGRATION_LOCK_KEY};
 impl TimescaleSink {
     /// A transaction holding Kohaku's migration lock, so that instances starting together change
     /// the schema one after another.
-    pub(crate) async fn begin_schema_change(&self) -> Result<sqlx::Transaction<'static, Postgres>, SinkError> {
+    pub(crate) async fn begin_schema_change(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, Postgres>, SinkError> {
         let mut tx = self
             .pool
             .begin()
@@ -349,5 +351,4 @@ impl TimescaleSink {
         }
         Ok(())
     }
-
 }

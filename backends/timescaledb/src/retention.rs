@@ -59,7 +59,6 @@ impl TimescaleSink {
             }
         }));
     }
-
 }
 
 pub(crate) async fn enforce_retention(

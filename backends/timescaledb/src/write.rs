@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use kohaku_sink::{format_timestamp, Connection, RejectedRow, Report, SinkError, StatsBatch, StatsObject, WriteReport};
+use kohaku_sink::{
+    format_timestamp, Connection, RejectedRow, Report, SinkError, StatsBatch, StatsObject,
+    WriteReport,
+};
 use sqlx::{Postgres, QueryBuilder};
 
 use crate::error::{classify, is_data_error};

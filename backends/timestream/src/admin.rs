@@ -1,16 +1,12 @@
 //! Making the client (the AWS chain or a fixed endpoint) and the database and table `migrate`
 //! creates and keeps at the configured retention.
 
-
 use aws_sdk_timestreamwrite::config::timeout::TimeoutConfig;
 use aws_sdk_timestreamwrite::config::{BehaviorVersion, Region};
 use aws_sdk_timestreamwrite::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_timestreamwrite::types::{
-    MagneticStoreWriteProperties, RetentionProperties,
-};
+use aws_sdk_timestreamwrite::types::{MagneticStoreWriteProperties, RetentionProperties};
 use aws_sdk_timestreamwrite::Client;
 use kohaku_sink::SinkError;
-
 
 use crate::{EndpointMode, TimestreamSink};
 
@@ -176,7 +172,6 @@ impl TimestreamSink {
             Err(err) => Err(admin_error(format!("cannot describe table {path}"), err)),
         }
     }
-
 }
 
 pub(crate) fn is_not_found<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {

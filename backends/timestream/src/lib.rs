@@ -33,7 +33,6 @@ pub use write::{classify_write_error, tally, RejectedRecord, RequestOutcome, Tal
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
-
 #[derive(Default)]
 struct Counters {
     write_requests: AtomicU64,
@@ -91,7 +90,6 @@ impl TimestreamSink {
     async fn client(&self) -> Result<&Client, SinkError> {
         self.client.get_or_try_init(|| self.make_client()).await
     }
-
 }
 
 #[async_trait]

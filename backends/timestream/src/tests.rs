@@ -62,9 +62,7 @@ fn settings_are_validated_naming_the_key() {
         let mut options = Config::new("kohaku", "rtc_stats");
         options.validate().expect("defaults are valid");
         change(&mut options);
-        let err = TimestreamSink::connect(options)
-            .err()
-            .expect(expected);
+        let err = TimestreamSink::connect(options).err().expect(expected);
         assert!(!err.is_transient());
         assert!(err.to_string().contains(expected), "{err} lacks {expected}");
     }

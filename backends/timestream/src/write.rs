@@ -6,12 +6,10 @@ use std::sync::atomic::Ordering;
 use aws_sdk_timestreamwrite::error::{DisplayErrorContext, SdkError};
 use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsError;
 use aws_sdk_timestreamwrite::types::{
-    Dimension, DimensionValueType, MeasureValue, MeasureValueType,
-    Record, TimeUnit,
+    Dimension, DimensionValueType, MeasureValue, MeasureValueType, Record, TimeUnit,
 };
 use aws_sdk_timestreamwrite::Client;
 use kohaku_sink::WriteReport;
-
 
 use crate::mapping::{self, MeasureType, PlannedRequest};
 use crate::TimestreamSink;
