@@ -106,7 +106,11 @@ fn check_config_explains_what_is_wrong() {
             1,
             "{message}"
         );
-        assert!(message.contains("[sinks.timescaledb]"), "{message}");
+        // Checked with the rest of the file now, so it names the file and the whole key.
+        assert!(
+            message.contains("k.toml") && message.contains("sinks.timescaledb.chunk_interval"),
+            "{message}"
+        );
     }
 }
 
