@@ -19,7 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode};
 use kohaku_sink::{SinkError, StatsBatch, StatsSink, WriteReport};
 use serde_json::Value;
+
+#[path = "../tests/common/support.rs"]
+mod support;
+use support::Served;
 
 const CONNECTION_USER_AGENT: &str = "connection.user-agent";
 const OBJECTS_PER_REPORT: usize = 30;
@@ -253,49 +257,13 @@ async fn metric(exporter: SocketAddr, series: &str) -> Result<f64, AnyError> {
         .body(Full::new(Bytes::new()))?;
     let response = sender.send_request(request).await?;
     let text = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
-    Ok(text
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0))
+    Ok(support::metric(&text, series).unwrap_or(0.0))
 }
 
 // ---------------------------------------------------------------------------------------------
 // The kohaku binary.
 
-struct Served {
-    child: Child,
-    ingest: SocketAddr,
-    exporter: SocketAddr,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Served {
-    /// Peak resident set (VmHWM) so far, in MiB.
-    fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-}
-
 fn serve(settings: &Settings, name: &str, sinks: &str, spool: bool) -> Result<Served, AnyError> {
-    use std::io::BufRead;
     let dir = settings.work.path().join(name);
     std::fs::create_dir_all(&dir)?;
     let spool = if spool {
@@ -310,35 +278,11 @@ fn serve(settings: &Settings, name: &str, sinks: &str, spool: bool) -> Result<Se
         "[server]\nlisten_addr = \"127.0.0.1\"\nlisten_port = 0\n[exporter]\nlisten_port = 0\n\
          {spool}{sinks}"
     );
-    std::fs::write(dir.join("k.toml"), config)?;
-    let mut child = Command::new(&settings.kohaku)
-        .args(["serve", "--config", "k.toml"])
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next().ok_or("kohaku exited before listening")??;
-        let event: Value = serde_json::from_str(&line).unwrap_or_default();
-        if event["message"] == "kohaku listening" {
-            let served = Served {
-                child,
-                ingest: event["ingest_addr"]
-                    .as_str()
-                    .ok_or("ingest_addr")?
-                    .parse()?,
-                exporter: event["exporter_addr"]
-                    .as_str()
-                    .ok_or("exporter_addr")?
-                    .parse()?,
-            };
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines.by_ref() {});
-            return Ok(served);
-        }
-    }
+    Ok(support::serve(
+        Command::new(&settings.kohaku),
+        &dir,
+        &config,
+    )?)
 }
 
 /// Sends every report and waits until `sink` has stored every object; objects per second.

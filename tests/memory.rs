@@ -33,18 +33,8 @@ fn config(extra: &str) -> String {
     )
 }
 
-/// Peak resident set of process `pid`, in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb / 1024)
-}
-
 fn assert_within_budget(served: &Served, what: &str) {
-    let peak = peak_rss_mib(served.child.0.id());
+    let peak = peak_rss_kib(served.child.0.id()) / 1024;
     eprintln!(
         "{what}: peak RSS {peak} MiB (budget {BUDGET_MIB} MiB + {OWN_FOOTPRINT_MIB} MiB own)"
     );

@@ -6,7 +6,10 @@ use kohaku_sink::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::*;
+#[path = "../../tests/common/support.rs"]
+mod support;
 use std::io::Write;
+use support::SmallFilesystem;
 use writer::{Message, Writer};
 
 fn body(seed: u64, objects: usize) -> Bytes {
@@ -286,41 +289,6 @@ async fn webhook_records_and_segments_of_the_first_format_replay_after_an_upgrad
             (id("C", 4), None, 1),
         ]
     );
-}
-
-/// A tmpfs of `bytes`, mounted on a fresh directory and unmounted when dropped: a really full
-/// filesystem. `None`, with a message, where this process may not mount one (it needs root).
-struct SmallFilesystem {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFilesystem {
-    fn mount(bytes: u64) -> Option<Self> {
-        let dir = tempfile::tempdir().ok()?;
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if !mounted {
-            eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); the disk-full case is not tested");
-            return None;
-        }
-        Some(Self { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for SmallFilesystem {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 fn segment_bytes_on_disk(dir: &Path) -> u64 {

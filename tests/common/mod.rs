@@ -3,10 +3,9 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
@@ -20,6 +19,10 @@ use kohaku::config::Config;
 use kohaku_sink::{RawValue, StatsSink};
 use serde::Deserialize;
 use serde_json::Value;
+
+mod support;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use support::{metric, peak_rss_kib, ChildGuard, Served, SmallFilesystem};
 
 /// The `kohaku` binary under test, unaffected by the caller's KOHAKU_CONFIG and RUST_LOG, and
 /// with dummy AWS credentials and no instance-metadata lookups: a test must never reach AWS.
@@ -584,17 +587,6 @@ pub async fn wait_for_sqlite_rows(path: &Path, rows: i64, timeout: Duration) -> 
     }
 }
 
-/// The value of one series in the exporter's text, e.g. `kohaku_sink_rows_written_total{sink="sqlite"}`.
-pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// Polls `/metrics` until `series` reaches `at_least`; returns the last value.
 pub async fn wait_for_metric(exporter: &H2, series: &str, at_least: f64, timeout: Duration) -> f64 {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -662,26 +654,6 @@ pub fn timescaledb_config(url: &str) -> kohaku::config::TimescaleSinkConfig {
     }
 }
 
-/// Kills the process if a test ends (or fails) while it still runs.
-pub struct ChildGuard(pub Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-    }
-}
-
-/// A `kohaku serve` process and the addresses it logged.
-pub struct Served {
-    pub child: ChildGuard,
-    pub ingest: std::net::SocketAddr,
-    pub exporter: std::net::SocketAddr,
-    pub stdout_lines: std::sync::mpsc::Receiver<String>,
-}
-
 /// Runs `kohaku import` of `files` in `dir` with `config` as its `kohaku.toml`; its stdout, once it
 /// has succeeded.
 pub fn import_files(dir: &Path, config: &str, files: &[PathBuf]) -> String {
@@ -703,42 +675,7 @@ pub fn import_files(dir: &Path, config: &str, files: &[PathBuf]) -> String {
 
 /// Starts `kohaku serve` in `dir` with `config` as `k.toml`, once it logs its addresses.
 pub fn serve(dir: &Path, config: &str) -> Served {
-    std::fs::write(dir.join("k.toml"), config).unwrap();
-    let mut child = ChildGuard(
-        kohaku_command()
-            .args(["serve", "--config", "k.toml"])
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("kohaku serve starts"),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("kohaku logs that it listens");
-        let event: serde_json::Value = serde_json::from_str(&line).expect("log lines are JSON");
-        if event["message"] == "kohaku listening" {
-            let ingest = event["ingest_addr"].as_str().unwrap().parse().unwrap();
-            let exporter = event["exporter_addr"].as_str().unwrap().parse().unwrap();
-            return Served {
-                child,
-                ingest,
-                exporter,
-                stdout_lines: lines,
-            };
-        }
-    }
+    support::serve(kohaku_command(), dir, config).expect("kohaku serve listens")
 }
 
 pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
@@ -753,72 +690,4 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStat
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A tmpfs of `bytes`, mounted on a fresh directory and unmounted when dropped: a really full
-/// filesystem for the disk-full tests. `None`, with a message, where this process may not mount
-/// (it needs root; `./scripts/test` in CI runs as root). The library's unit tests have their own.
-pub struct SmallFilesystem {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFilesystem {
-    pub fn mount(bytes: u64) -> Option<Self> {
-        let dir = tempfile::tempdir().ok()?;
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if !mounted {
-            eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); the disk-full case is not tested");
-            return None;
-        }
-        Some(Self { dir })
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills the filesystem up to `leave` free bytes with a file, whose removal frees the space.
-    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
-        let filler = self.path().join("filler");
-        let mut file = std::fs::File::create(&filler).expect("filler");
-        let chunk = [0u8; 4096];
-        loop {
-            let free = free_bytes(self.path());
-            if free <= leave {
-                break;
-            }
-            let size = chunk.len().min((free - leave) as usize).max(1);
-            if std::io::Write::write_all(&mut file, &chunk[..size]).is_err() {
-                break;
-            }
-            let _ = file.sync_all();
-        }
-        filler
-    }
-}
-
-impl Drop for SmallFilesystem {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-fn free_bytes(path: &Path) -> u64 {
-    let output = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(path)
-        .output()
-        .expect("df runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|line| line.trim().parse().ok())
-        .unwrap_or(0)
 }
