@@ -506,32 +506,7 @@ impl H1 {
     }
 }
 
-/// One row of `rtc_stats`.
-#[derive(Debug, Clone)]
-pub struct StoredRow {
-    pub channel_id: String,
-    pub session_id: String,
-    pub client_id: String,
-    pub connection_id: String,
-    pub bundle_id: Option<String>,
-    pub rtc_type: String,
-    pub rtc_id: String,
-    pub rtc_timestamp: f64,
-    pub rtc_data: String,
-    pub sora_timestamp: String,
-    pub received_at: String,
-}
-
-impl StoredRow {
-    /// The idempotency key: `(connection_id, rtc_id, rtc_timestamp bits)`.
-    pub fn key(&self) -> (String, String, u64) {
-        (
-            self.connection_id.clone(),
-            self.rtc_id.clone(),
-            self.rtc_timestamp.to_bits(),
-        )
-    }
-}
+pub use kohaku_sqlite::testkit::StoredRow;
 
 /// Fails with the whole text when `part` is not in it.
 #[track_caller]
@@ -540,39 +515,11 @@ pub fn assert_contains(text: &str, part: &str) {
 }
 
 pub fn sqlite_rows(path: &Path) -> Vec<StoredRow> {
-    let connection = rusqlite::Connection::open(path).expect("open sqlite");
-    let mut statement = connection
-        .prepare(
-            "SELECT channel_id, session_id, client_id, connection_id, bundle_id, rtc_type, rtc_id, \
-             rtc_timestamp, rtc_data, sora_timestamp, received_at FROM rtc_stats",
-        )
-        .expect("prepare");
-    statement
-        .query_map([], |row| {
-            Ok(StoredRow {
-                channel_id: row.get(0)?,
-                session_id: row.get(1)?,
-                client_id: row.get(2)?,
-                connection_id: row.get(3)?,
-                bundle_id: row.get(4)?,
-                rtc_type: row.get(5)?,
-                rtc_id: row.get(6)?,
-                rtc_timestamp: row.get(7)?,
-                rtc_data: row.get(8)?,
-                sora_timestamp: row.get(9)?,
-                received_at: row.get(10)?,
-            })
-        })
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows")
+    kohaku_sqlite::testkit::stored_rows(path, None)
 }
 
 pub fn sqlite_count(path: &Path, sql: &str) -> i64 {
-    let connection = rusqlite::Connection::open(path).expect("open sqlite");
-    connection
-        .query_row(sql, [], |row| row.get(0))
-        .expect("count query")
+    kohaku_sqlite::testkit::query_i64(path, sql)
 }
 
 /// Polls until `rtc_stats` holds `rows` rows; returns the last count seen.

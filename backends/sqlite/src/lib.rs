@@ -13,6 +13,9 @@ use rusqlite::{Connection, OpenFlags};
 mod config;
 mod error;
 mod migrate;
+/// Test support, behind the `testkit` feature so that nothing test-only is in a release build.
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod write;
 
 pub use config::Config;

@@ -39,8 +39,11 @@ impl SqliteTarget {
 
 fn time_column(row: &rusqlite::Row<'_>, index: usize) -> kohaku_sink::OffsetDateTime {
     let text: String = row.get(index).expect("time column");
-    parse_timestamp(&text)
-        .unwrap_or_else(|err| panic!("stored time {text:?} does not parse: {err}"))
+    time_text(&text)
+}
+
+fn time_text(text: &str) -> kohaku_sink::OffsetDateTime {
+    parse_timestamp(text).unwrap_or_else(|err| panic!("stored time {text:?} does not parse: {err}"))
 }
 
 #[async_trait]
@@ -50,32 +53,22 @@ impl ConformanceTarget for SqliteTarget {
     }
 
     async fn stored_stats(&self, connection_id: &str) -> Vec<StoredStats> {
-        let reader = self.reader();
-        let mut statement = reader
-            .prepare(
-                "SELECT channel_id, session_id, client_id, connection_id, bundle_id, rtc_type, rtc_id, \
-                 rtc_timestamp, rtc_data, sora_timestamp, received_at FROM rtc_stats WHERE connection_id = ?1",
-            )
-            .expect("prepare");
-        let rows = statement
-            .query_map(params![connection_id], |row| {
-                let data: String = row.get(8)?;
-                Ok(StoredStats {
-                    channel_id: row.get(0)?,
-                    session_id: row.get(1)?,
-                    client_id: row.get(2)?,
-                    connection_id: row.get(3)?,
-                    bundle_id: row.get(4)?,
-                    rtc_type: row.get(5)?,
-                    rtc_id: row.get(6)?,
-                    rtc_timestamp: row.get(7)?,
-                    rtc_data: serde_json::from_str(&data).expect("rtc_data is JSON"),
-                    sora_timestamp: time_column(row, 9),
-                    received_at: time_column(row, 10),
-                })
+        kohaku_sqlite::testkit::stored_rows(&self.path, Some(connection_id))
+            .into_iter()
+            .map(|row| StoredStats {
+                channel_id: row.channel_id,
+                session_id: row.session_id,
+                client_id: row.client_id,
+                connection_id: row.connection_id,
+                bundle_id: row.bundle_id,
+                rtc_type: row.rtc_type,
+                rtc_id: row.rtc_id,
+                rtc_timestamp: row.rtc_timestamp,
+                rtc_data: serde_json::from_str(&row.rtc_data).expect("rtc_data is JSON"),
+                sora_timestamp: time_text(&row.sora_timestamp),
+                received_at: time_text(&row.received_at),
             })
-            .expect("query");
-        rows.collect::<Result<_, _>>().expect("rows")
+            .collect()
     }
 
     async fn stored_connection(&self, connection_id: &str) -> Option<StoredConnection> {
