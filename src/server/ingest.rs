@@ -176,8 +176,17 @@ impl IngestRouter {
         }
         let report_memory = memory.split(report_size);
         let protocol_name = protocol.as_str();
-        let channel_id = report.connection.channel_id.clone();
-        let connection_id = report.connection.connection_id.clone();
+        // Kept for the debug lines only when they are logged: two allocations per request
+        // otherwise.
+        let ids = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            (
+                report.connection.channel_id.clone(),
+                report.connection.connection_id.clone(),
+            )
+        });
+        let (channel_id, connection_id) = ids.as_ref().map_or(("", ""), |(channel, connection)| {
+            (channel.as_str(), connection.as_str())
+        });
         let objects = report.row_count();
         match self
             .intake

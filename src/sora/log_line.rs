@@ -80,7 +80,8 @@ pub(super) struct TypeOnly<'a> {
 
 /// Parses one line of a Sora log file (without its newline). Errors name the field as a path into
 /// the line, like [`parse_report`]'s.
-pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
+pub fn parse_log_line(line: impl super::Body) -> Result<LogLine, InvalidReport> {
+    let line = &line.shared();
     let parsed: LogLineBody<'_> = deserialize_object(line, "line", "a log line")?;
 
     let line_type = match parsed.line_type {
@@ -121,7 +122,11 @@ pub fn parse_log_line(line: &[u8]) -> Result<LogLine, InvalidReport> {
         group_id: parsed.group_id,
     }
     .validate()?;
-    let object = parse_object(ObjectAt::RtcData, required(parsed.rtc_data, "rtc_data")?)?;
+    let object = parse_object(
+        ObjectAt::RtcData,
+        required(parsed.rtc_data, "rtc_data")?,
+        line,
+    )?;
     // The copies Sora writes next to `rtc_data` must agree with it; if not, the line is damaged.
     let disagrees = |field: &str, copy: String, inside: String| {
         InvalidReport::new(

@@ -12,6 +12,7 @@ mod log_line;
 mod object;
 mod report;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 pub use log_line::{parse_log_line, LogLine, LogStats};
@@ -21,6 +22,36 @@ pub use report::{parse_report, parse_spooled, parse_webhook, Webhook};
 use kohaku_sink::{OffsetDateTime, Report};
 #[cfg(test)]
 use object::{unstorable_escape, MAX_OBJECT_DEPTH};
+
+/// A body to parse. The stats objects of a [`Report`] share the body when it is [`Bytes`] (a
+/// request's); a plain slice is copied once, whole, for them to share.
+pub trait Body {
+    fn shared(self) -> Bytes;
+}
+
+impl Body for &Bytes {
+    fn shared(self) -> Bytes {
+        self.clone()
+    }
+}
+
+impl Body for &[u8] {
+    fn shared(self) -> Bytes {
+        Bytes::copy_from_slice(self)
+    }
+}
+
+impl Body for &Vec<u8> {
+    fn shared(self) -> Bytes {
+        Bytes::copy_from_slice(self)
+    }
+}
+
+impl<const N: usize> Body for &[u8; N] {
+    fn shared(self) -> Bytes {
+        Bytes::copy_from_slice(self)
+    }
+}
 
 /// The header Sora sets on every exporter request, and the only value Kohaku stores.
 pub const EXPORTER_TYPE_HEADER: &str = "x-sora-stats-exporter-type";

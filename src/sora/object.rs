@@ -3,7 +3,8 @@
 
 use std::borrow::Cow;
 
-use kohaku_sink::{RawValue, StatsObject};
+use bytes::Bytes;
+use kohaku_sink::{RawJson, RawValue, StatsObject};
 
 use super::InvalidReport;
 
@@ -16,6 +17,8 @@ struct ObjectHead<'a> {
     id: Option<Cow<'a, str>>,
     rtc_type: Option<Cow<'a, str>>,
     timestamp: Option<f64>,
+    /// Some string in the object holds a `\` escape: only then can it hold one a store refuses.
+    escapes: bool,
 }
 
 /// Where a stats object sits, for naming its fields in errors.
@@ -51,23 +54,26 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
         id: None,
         rtc_type: None,
         timestamp: None,
+        escapes: false,
     };
     let mut seen = [false; 3];
     let mut at = skip_whitespace(bytes, 1);
     while at < bytes.len() && bytes[at] == b'"' {
-        let key_end = string_end(bytes, at);
+        let mut key_escaped = false;
+        let key_end = string_end(bytes, at, &mut key_escaped);
+        head.escapes |= key_escaped;
         let key = &text[at..key_end];
         at = skip_whitespace(bytes, key_end);
         // The ':'.
         at = skip_whitespace(bytes, at + 1);
-        let value_end = value_end(bytes, at, limit).ok_or(HeadError::TooDeep)?;
+        let value_end = value_end(bytes, at, limit, &mut head.escapes).ok_or(HeadError::TooDeep)?;
         let value = &text[at..value_end];
         let slot = match key {
             "\"id\"" => Some(0),
             "\"type\"" => Some(1),
             "\"timestamp\"" => Some(2),
             // A key spelled with escapes (`"\u0069d"`) is still `id`.
-            _ if key.contains('\\') => match serde_json::from_str::<String>(key).as_deref() {
+            _ if key_escaped => match serde_json::from_str::<String>(key).as_deref() {
                 Ok("id") => Some(0),
                 Ok("type") => Some(1),
                 Ok("timestamp") => Some(2),
@@ -84,7 +90,7 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
             match slot {
                 0 => head.id = string_value(value).map_err(invalid)?,
                 1 => head.rtc_type = string_value(value).map_err(invalid)?,
-                _ => head.timestamp = serde_json::from_str(value).map_err(invalid)?,
+                _ => head.timestamp = number_value(value).map_err(invalid)?,
             }
         }
         at = skip_whitespace(bytes, value_end);
@@ -93,6 +99,34 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
         }
     }
     Ok(head)
+}
+
+/// A JSON number, or null, as serde_json reads it into an `f64`, without a deserializer for the
+/// common case. serde_json accepted the object, so a value that starts like a number is a JSON
+/// number: an integer literal serde_json reads as an `i64`/`u64` and converts (`-0` stays negative zero), a
+/// fractional or exponent literal it rounds correctly, as Rust's `f64` parser does. Anything else
+/// (null, a string, an integer beyond 64 bits) gets serde_json's own answer and error.
+fn number_value(value: &str) -> Result<Option<f64>, serde_json::Error> {
+    if value.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        let fast = if value.contains(['.', 'e', 'E']) {
+            value
+                .parse::<f64>()
+                .ok()
+                .filter(|number| number.is_finite())
+        } else if value.starts_with('-') {
+            // `-0` is negative zero to serde_json too.
+            value
+                .parse::<i64>()
+                .ok()
+                .map(|number| if number == 0 { -0.0 } else { number as f64 })
+        } else {
+            value.parse::<u64>().ok().map(|number| number as f64)
+        };
+        if fast.is_some() {
+            return Ok(fast);
+        }
+    }
+    serde_json::from_str(value)
 }
 
 /// A JSON string or null, borrowed when it holds no escapes.
@@ -110,8 +144,9 @@ fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The index just past the string that starts at `start` (its opening quote).
-fn string_end(bytes: &[u8], start: usize) -> usize {
+/// The index just past the string that starts at `start` (its opening quote); sets `escapes`
+/// when the string holds a `\`.
+fn string_end(bytes: &[u8], start: usize, escapes: &mut bool) -> usize {
     let mut at = start + 1;
     while let Some(found) = bytes
         .get(at..)
@@ -119,6 +154,7 @@ fn string_end(bytes: &[u8], start: usize) -> usize {
     {
         at += found;
         if bytes[at] == b'\\' {
+            *escapes = true;
             at += 2;
         } else {
             return at + 1;
@@ -128,17 +164,17 @@ fn string_end(bytes: &[u8], start: usize) -> usize {
 }
 
 /// The index just past the value that starts at `start`, inside the object (depth 1); `None` when
-/// arrays and objects in it nest deeper than `limit` in all.
-fn value_end(bytes: &[u8], start: usize, limit: usize) -> Option<usize> {
+/// arrays and objects in it nest deeper than `limit` in all. Sets `escapes` as [`string_end`].
+fn value_end(bytes: &[u8], start: usize, limit: usize, escapes: &mut bool) -> Option<usize> {
     match bytes.get(start) {
-        Some(b'"') => Some(string_end(bytes, start)),
+        Some(b'"') => Some(string_end(bytes, start, escapes)),
         Some(b'{' | b'[') => {
             let mut depth = 1usize;
             let mut at = start;
             while at < bytes.len() {
                 match bytes[at] {
                     b'"' => {
-                        at = string_end(bytes, at);
+                        at = string_end(bytes, at, escapes);
                         continue;
                     }
                     b'{' | b'[' => {
@@ -168,7 +204,12 @@ fn value_end(bytes: &[u8], start: usize, limit: usize) -> Option<usize> {
     }
 }
 
-pub(super) fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, InvalidReport> {
+/// `body` is the buffer `raw` borrows from: the object keeps its text as a slice of it.
+pub(super) fn parse_object(
+    at: ObjectAt,
+    raw: &RawValue,
+    body: &Bytes,
+) -> Result<StatsObject, InvalidReport> {
     let field = |name: &str| match at {
         ObjectAt::Stats(index) => format!("stats[{index}]{name}"),
         ObjectAt::RtcData => format!("rtc_data{name}"),
@@ -210,7 +251,7 @@ pub(super) fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, 
             ),
         ));
     }
-    if let Some(what) = unstorable_escape(raw.get()) {
+    if let Some(what) = head.escapes.then(|| unstorable_escape(raw.get())).flatten() {
         return Err(InvalidReport::new(
             field(""),
             format!("contains {what}, which PostgreSQL's jsonb cannot store"),
@@ -220,7 +261,7 @@ pub(super) fn parse_object(at: ObjectAt, raw: &RawValue) -> Result<StatsObject, 
         rtc_id: rtc_id.into_owned(),
         rtc_type: rtc_type.into_owned(),
         rtc_timestamp,
-        rtc_data: raw.to_owned(),
+        rtc_data: RawJson::slice_of(body, raw.get()),
     })
 }
 
@@ -259,4 +300,65 @@ pub(super) fn unstorable_escape(text: &str) -> Option<&'static str> {
         at = escape + 6;
     }
     low_expected_at.map(|_| LONE)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::number_value;
+
+    /// What serde_json makes of the value, bit for bit (NaN never occurs: JSON has none).
+    fn serde_bits(text: &str) -> Option<Option<u64>> {
+        serde_json::from_str::<Option<f64>>(text)
+            .ok()
+            .map(|number| number.map(f64::to_bits))
+    }
+
+    fn fast_bits(text: &str) -> Option<Option<u64>> {
+        number_value(text)
+            .ok()
+            .map(|number| number.map(f64::to_bits))
+    }
+
+    #[test]
+    fn reads_numbers_exactly_as_serde_json() {
+        for text in [
+            "0",
+            "-0",
+            "-0.0",
+            "1753423611592.776",
+            "1753423611592",
+            "1.7534236115927761e12",
+            "1E5",
+            "1e+5",
+            "2.5e-3",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            "1e400",
+            "-1e400",
+            "4.9e-324",
+            "null",
+            "\"12\"",
+            "true",
+        ] {
+            assert_eq!(fast_bits(text), serde_bits(text), "{text}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_number_reads_as_serde_json_reads_it(
+            number in any::<f64>().prop_filter("finite", |n| n.is_finite()),
+            integer in any::<i64>(),
+            digits in "-?(0|[1-9][0-9]{0,25})(\\.[0-9]{1,20})?([eE][+-]?[0-9]{1,3})?",
+        ) {
+            for text in [number.to_string(), format!("{number:e}"), integer.to_string(), digits] {
+                prop_assert_eq!(fast_bits(&text), serde_bits(&text), "{}", text);
+            }
+        }
+    }
 }

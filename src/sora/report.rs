@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
 use kohaku_sink::{OffsetDateTime, RawValue, Report};
 use serde::Deserialize;
 
@@ -9,8 +10,8 @@ use super::fields::{required, ConnectionFields};
 use super::log_line::TypeOnly;
 use super::object::{parse_object, ObjectAt};
 use super::{
-    deserialize_object, InvalidReport, Protocol, CONNECTION_RTC, CONNECTION_USER_AGENT,
-    WEBHOOK_TYPE_HEADER,
+    deserialize_object, Body as RequestBody, InvalidReport, Protocol, CONNECTION_RTC,
+    CONNECTION_USER_AGENT, WEBHOOK_TYPE_HEADER,
 };
 
 #[derive(Deserialize)]
@@ -47,7 +48,14 @@ struct Body<'a> {
 }
 
 /// Parses and validates one exporter body. `received_at` is when Kohaku got the request.
-pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
+pub fn parse_report(
+    body: impl RequestBody,
+    received_at: OffsetDateTime,
+) -> Result<Report, InvalidReport> {
+    exporter_report(&body.shared(), received_at)
+}
+
+fn exporter_report(body: &Bytes, received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
     let parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
     let event_type = required(parsed.event_type.as_deref(), "type")?;
     if event_type != CONNECTION_USER_AGENT {
@@ -56,7 +64,7 @@ pub fn parse_report(body: &[u8], received_at: OffsetDateTime) -> Result<Report, 
             format!("unexpected event type `{event_type}`; expected `{CONNECTION_USER_AGENT}`"),
         ));
     }
-    report_of(parsed, received_at)
+    report_of(parsed, body, received_at)
 }
 
 /// What a stats-webhook request turned out to be.
@@ -78,10 +86,11 @@ pub enum Webhook {
 /// the webhook's `id` added and without `multistream`, and unknown members are ignored. A body
 /// without a header whose `type` is the exporter's is an exporter body.
 pub fn parse_webhook(
-    body: &[u8],
+    body: impl RequestBody,
     header_type: Option<&str>,
     received_at: OffsetDateTime,
 ) -> Result<Webhook, InvalidReport> {
+    let body = &body.shared();
     let kind = match header_type {
         Some(kind) => Cow::Borrowed(kind),
         None => {
@@ -102,7 +111,7 @@ pub fn parse_webhook(
         }
     };
     if header_type.is_none() && kind == CONNECTION_USER_AGENT {
-        return parse_report(body, received_at).map(Webhook::Exporter);
+        return exporter_report(body, received_at).map(Webhook::Exporter);
     }
     if kind != CONNECTION_RTC {
         return Ok(Webhook::Ignored {
@@ -118,15 +127,16 @@ pub fn parse_webhook(
             ),
         ));
     }
-    report_of(parsed, received_at).map(Webhook::Stats)
+    report_of(parsed, body, received_at).map(Webhook::Stats)
 }
 
 /// Parses a body the spool kept, as it was parsed when it arrived by `protocol`.
 pub fn parse_spooled(
     protocol: Protocol,
-    body: &[u8],
+    body: impl RequestBody,
     received_at: OffsetDateTime,
 ) -> Result<Report, InvalidReport> {
+    let body = &body.shared();
     match protocol {
         Protocol::Exporter => parse_report(body, received_at),
         // Only stats were spooled; the header that may have named the type is not kept.
@@ -145,7 +155,12 @@ pub fn parse_spooled(
 }
 
 /// Validates a parsed exporter or webhook body whose type was checked.
-fn report_of(parsed: Body<'_>, received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
+/// `body` is what `parsed` borrows from; the stats objects share it.
+fn report_of(
+    parsed: Body<'_>,
+    body: &Bytes,
+    received_at: OffsetDateTime,
+) -> Result<Report, InvalidReport> {
     let (connection, sora_timestamp) = ConnectionFields {
         timestamp: parsed.timestamp,
         label: parsed.label,
@@ -167,7 +182,7 @@ fn report_of(parsed: Body<'_>, received_at: OffsetDateTime) -> Result<Report, In
     let raw_objects = required(parsed.stats, "stats")?;
     let mut stats = Vec::with_capacity(raw_objects.len());
     for (index, raw) in raw_objects.into_iter().enumerate() {
-        stats.push(parse_object(ObjectAt::Stats(index), raw)?);
+        stats.push(parse_object(ObjectAt::Stats(index), raw, body)?);
     }
 
     Ok(Report {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kohaku_sink::testkit::conformance::{self, ConformanceTarget, StoredConnection, StoredStats};
 use kohaku_sink::testkit::sample;
-use kohaku_sink::{parse_timestamp, Connection, RawValue, StatsObject, StatsSink};
+use kohaku_sink::{parse_timestamp, Connection, RawJson, StatsObject, StatsSink};
 use kohaku_timescaledb::testkit::fresh_database;
 use kohaku_timescaledb::{ExtensionMode, Flavor, TimescaleOptions, TimescaleSink};
 use sqlx::postgres::PgPool;
@@ -253,7 +253,7 @@ async fn a_value_postgres_refuses_is_reported_and_the_rest_stored() {
         rtc_id: "NUL".into(),
         rtc_type: "codec".into(),
         rtc_timestamp: 1_753_423_611_556.5,
-        rtc_data: RawValue::from_string(
+        rtc_data: RawJson::from_string(
             r#"{"id":"NUL","type":"codec","timestamp":1753423611556.5,"x":"a\u0000b"}"#.into(),
         )
         .unwrap(),
@@ -262,7 +262,7 @@ async fn a_value_postgres_refuses_is_reported_and_the_rest_stored() {
         rtc_id: "SURROGATE".into(),
         rtc_type: "codec".into(),
         rtc_timestamp: 1_753_423_611_556.5,
-        rtc_data: RawValue::from_string(
+        rtc_data: RawJson::from_string(
             r#"{"id":"SURROGATE","type":"codec","timestamp":1753423611556.5,"x":"\udc00"}"#.into(),
         )
         .unwrap(),

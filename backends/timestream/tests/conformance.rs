@@ -11,8 +11,7 @@ use kohaku_sink::testkit::conformance::{
 };
 use kohaku_sink::testkit::sample;
 use kohaku_sink::{
-    Connection, OffsetDateTime, RawValue, SinkError, StatsBatch, StatsObject, StatsSink,
-    WriteReport,
+    Connection, OffsetDateTime, RawJson, SinkError, StatsBatch, StatsObject, StatsSink, WriteReport,
 };
 use kohaku_timestream::mapping::{self, CONNECTION_MEASURE};
 use kohaku_timestream::testkit::{self, OutageProxy, StoredRecord};
@@ -414,7 +413,7 @@ async fn objects_over_the_limits_are_reported_and_the_rest_written() {
             rtc_id: id.into(),
             rtc_type: rtc_type.into(),
             rtc_timestamp: ts,
-            rtc_data: RawValue::from_string(text).expect("json"),
+            rtc_data: RawJson::from_string(text).expect("json"),
         });
     }
     let written = target

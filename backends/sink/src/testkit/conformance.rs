@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use super::sample;
-use crate::{Connection, RawValue, Report, StatsBatch, StatsObject, StatsSink};
+use crate::{Connection, RawJson, Report, StatsBatch, StatsObject, StatsSink};
 
 /// A stats row as the backend stored it.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,7 +196,7 @@ pub async fn odd_ids_and_unicode(target: &dyn ConformanceTarget) {
             rtc_id: "escapes".into(),
             rtc_type: "codec".into(),
             rtc_timestamp: ts,
-            rtc_data: RawValue::from_string(format!(
+            rtc_data: RawJson::from_string(format!(
                 r#"{{"id":"escapes","timestamp":{ts},"type":"codec","sdpFmtpLine":"a=\"b\"\\c\u00e9\ud83c\udfa5","emptyObject":{{}},"emptyList":[],"big":18446744073709551615,"neg":-9007199254740993,"exp":1.5e-7}}"#
             ))
             .expect("escapes object is valid JSON"),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use crate::{Connection, RawValue, Report, StatsBatch, StatsObject};
+use crate::{Connection, RawJson, Report, StatsBatch, StatsObject};
 
 /// Every type of the current spec plus the removed ones old clients still send.
 pub const STATS_TYPES: &[&str] = &[
@@ -107,7 +107,7 @@ pub fn object(rtc_type: &str, rtc_id: &str, rtc_timestamp: f64, counter: u64) ->
         rtc_id: rtc_id.to_owned(),
         rtc_type: rtc_type.to_owned(),
         rtc_timestamp,
-        rtc_data: RawValue::from_string(json).expect("sample objects are valid JSON"),
+        rtc_data: RawJson::from_string(json).expect("sample objects are valid JSON"),
     }
 }
 

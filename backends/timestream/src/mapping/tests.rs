@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use kohaku_sink::testkit::sample;
-use kohaku_sink::{RawValue, Report, StatsBatch, StatsObject};
+use kohaku_sink::{RawJson, Report, StatsBatch, StatsObject};
 
 use super::*;
 
@@ -11,7 +11,7 @@ fn object(rtc_type: &str, rtc_id: &str, ts: f64, members: &str) -> StatsObject {
         rtc_id: rtc_id.into(),
         rtc_type: rtc_type.into(),
         rtc_timestamp: ts,
-        rtc_data: RawValue::from_string(text).expect("valid JSON"),
+        rtc_data: RawJson::from_string(text).expect("valid JSON"),
     }
 }
 
