@@ -156,7 +156,7 @@ pub fn report_bytes(report: &Report) -> usize {
             .stats
             .iter()
             .map(|object| {
-                object.rtc_data.get().len()
+                object.rtc_data.len()
                     + object.rtc_id.len()
                     + object.rtc_type.len()
                     + OBJECT_OVERHEAD

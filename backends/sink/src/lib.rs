@@ -92,6 +92,15 @@ impl RawJson {
         }
     }
 
+    /// The text's length in bytes, without reading it.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn get(&self) -> &str {
         // Both constructors take the bytes of a `str`, so this never fails; checking rather than
         // assuming keeps the crate free of `unsafe` for a scan far cheaper than the copy it saves.

@@ -158,7 +158,7 @@ async fn main() {
     let bytes: usize = batches
         .iter()
         .flat_map(|b| b.rows())
-        .map(|r| r.object.rtc_data.get().len())
+        .map(|r| r.object.rtc_data.len())
         .sum();
     println!(
         "{total} rows ({} bytes of JSON on average), batches of {BATCH_ROWS}",
