@@ -10,6 +10,7 @@
 mod fields;
 mod log_line;
 mod object;
+mod one_pass;
 mod report;
 
 use bytes::Bytes;

@@ -13,12 +13,12 @@ use super::InvalidReport;
 const MAX_OBJECT_TIMESTAMP_MS: f64 = 9.0e15;
 
 /// The three members Kohaku reads from a stats object.
-struct ObjectHead<'a> {
-    id: Option<Cow<'a, str>>,
-    rtc_type: Option<Cow<'a, str>>,
-    timestamp: Option<f64>,
+pub(super) struct ObjectHead<'a> {
+    pub(super) id: Option<Cow<'a, str>>,
+    pub(super) rtc_type: Option<Cow<'a, str>>,
+    pub(super) timestamp: Option<f64>,
     /// Some string in the object holds a `\` escape: only then can it hold one a store refuses.
-    escapes: bool,
+    pub(super) escapes: bool,
 }
 
 /// Where a stats object sits, for naming its fields in errors.
@@ -106,7 +106,7 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
 /// number: an integer literal serde_json reads as an `i64`/`u64` and converts (`-0` stays negative zero), a
 /// fractional or exponent literal it rounds correctly, as Rust's `f64` parser does. Anything else
 /// (null, a string, an integer beyond 64 bits) gets serde_json's own answer and error.
-fn number_value(value: &str) -> Result<Option<f64>, serde_json::Error> {
+pub(super) fn number_value(value: &str) -> Result<Option<f64>, serde_json::Error> {
     if value.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         let fast = if value.contains(['.', 'e', 'E']) {
             value
@@ -229,6 +229,21 @@ pub(super) fn parse_object(
             InvalidReport::new(field(""), format!("invalid stats object: {why}"))
         }
     })?;
+    object_of(at, head, raw.get(), body)
+}
+
+/// The stats object whose `head` was read from `text` (a slice of `body`), once its members pass
+/// Kohaku's rules.
+pub(super) fn object_of(
+    at: ObjectAt,
+    head: ObjectHead<'_>,
+    text: &str,
+    body: &Bytes,
+) -> Result<StatsObject, InvalidReport> {
+    let field = |name: &str| match at {
+        ObjectAt::Stats(index) => format!("stats[{index}]{name}"),
+        ObjectAt::RtcData => format!("rtc_data{name}"),
+    };
     let rtc_id = head
         .id
         .filter(|id| !id.is_empty())
@@ -251,7 +266,7 @@ pub(super) fn parse_object(
             ),
         ));
     }
-    if let Some(what) = head.escapes.then(|| unstorable_escape(raw.get())).flatten() {
+    if let Some(what) = head.escapes.then(|| unstorable_escape(text)).flatten() {
         return Err(InvalidReport::new(
             field(""),
             format!("contains {what}, which PostgreSQL's jsonb cannot store"),
@@ -261,7 +276,7 @@ pub(super) fn parse_object(
         rtc_id: rtc_id.into_owned(),
         rtc_type: rtc_type.into_owned(),
         rtc_timestamp,
-        rtc_data: RawJson::slice_of(body, raw.get()),
+        rtc_data: RawJson::slice_of(body, text),
     })
 }
 

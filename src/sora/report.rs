@@ -8,7 +8,8 @@ use serde::Deserialize;
 
 use super::fields::{required, ConnectionFields};
 use super::log_line::TypeOnly;
-use super::object::{parse_object, ObjectAt};
+use super::object::{object_of, parse_object, ObjectAt, ObjectHead};
+use super::one_pass;
 use super::{
     deserialize_object, Body as RequestBody, InvalidReport, Protocol, CONNECTION_RTC,
     CONNECTION_USER_AGENT, WEBHOOK_TYPE_HEADER,
@@ -56,7 +57,25 @@ pub fn parse_report(
 }
 
 fn exporter_report(body: &Bytes, received_at: OffsetDateTime) -> Result<Report, InvalidReport> {
-    let parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
+    general_or_one_pass(body, received_at, true)
+}
+
+/// [`parse_report`] without the one-pass reading: what it must agree with.
+#[cfg(test)]
+pub(super) fn parse_report_general(
+    body: &Bytes,
+    received_at: OffsetDateTime,
+) -> Result<Report, InvalidReport> {
+    general_or_one_pass(body, received_at, false)
+}
+
+fn general_or_one_pass(
+    body: &Bytes,
+    received_at: OffsetDateTime,
+    one_pass: bool,
+) -> Result<Report, InvalidReport> {
+    let mut others = String::new();
+    let (parsed, objects) = read_body(body, &mut others, one_pass)?;
     let event_type = required(parsed.event_type.as_deref(), "type")?;
     if event_type != CONNECTION_USER_AGENT {
         return Err(InvalidReport::new(
@@ -64,7 +83,40 @@ fn exporter_report(body: &Bytes, received_at: OffsetDateTime) -> Result<Report, 
             format!("unexpected event type `{event_type}`; expected `{CONNECTION_USER_AGENT}`"),
         ));
     }
-    report_of(parsed, body, received_at)
+    report_of(parsed, objects, body, received_at)
+}
+
+/// A body's stats objects, as [`read_body`] found them.
+enum Objects<'a> {
+    /// Checked as JSON by serde; each still to be scanned.
+    Raw(Option<Vec<&'a RawValue>>),
+    /// Checked and read in one pass ([`one_pass`]).
+    Read(Vec<(ObjectHead<'a>, &'a str)>),
+}
+
+/// The body's members and its stats objects: in one pass when the body is plain (as Sora sends
+/// it), else by serde_json (errors naming the field) and a scan per object. `others` holds what
+/// the one-pass reading gives serde.
+fn read_body<'a>(
+    body: &'a Bytes,
+    others: &'a mut String,
+    one_pass: bool,
+) -> Result<(Body<'a>, Objects<'a>), InvalidReport> {
+    let split = one_pass
+        .then(|| std::str::from_utf8(body).ok().and_then(one_pass::split))
+        .flatten();
+    if let Some(split) = split {
+        *others = split.others;
+        let others: &'a String = others;
+        if let Ok(parsed) = serde_json::from_str::<Body<'a>>(others) {
+            if parsed.stats.is_none() {
+                return Ok((parsed, Objects::Read(split.objects)));
+            }
+        }
+    }
+    let mut parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
+    let objects = Objects::Raw(parsed.stats.take());
+    Ok((parsed, objects))
 }
 
 /// What a stats-webhook request turned out to be.
@@ -118,7 +170,8 @@ pub fn parse_webhook(
             kind: kind.into_owned(),
         });
     }
-    let parsed: Body<'_> = deserialize_object(body, "body", "the body")?;
+    let mut others = String::new();
+    let (parsed, objects) = read_body(body, &mut others, true)?;
     if let Some(body_type) = parsed.event_type.as_deref().filter(|t| *t != kind) {
         return Err(InvalidReport::new(
             "type",
@@ -127,7 +180,7 @@ pub fn parse_webhook(
             ),
         ));
     }
-    report_of(parsed, body, received_at).map(Webhook::Stats)
+    report_of(parsed, objects, body, received_at).map(Webhook::Stats)
 }
 
 /// Parses a body the spool kept, as it was parsed when it arrived by `protocol`.
@@ -155,9 +208,10 @@ pub fn parse_spooled(
 }
 
 /// Validates a parsed exporter or webhook body whose type was checked.
-/// `body` is what `parsed` borrows from; the stats objects share it.
+/// `body` is what `parsed` and `objects` borrow from; the stats objects share it.
 fn report_of(
     parsed: Body<'_>,
+    objects: Objects<'_>,
     body: &Bytes,
     received_at: OffsetDateTime,
 ) -> Result<Report, InvalidReport> {
@@ -179,11 +233,23 @@ fn report_of(
     }
     .validate()?;
 
-    let raw_objects = required(parsed.stats, "stats")?;
-    let mut stats = Vec::with_capacity(raw_objects.len());
-    for (index, raw) in raw_objects.into_iter().enumerate() {
-        stats.push(parse_object(ObjectAt::Stats(index), raw, body)?);
-    }
+    let stats = match objects {
+        Objects::Raw(raw_objects) => {
+            let raw_objects = required(raw_objects, "stats")?;
+            let mut stats = Vec::with_capacity(raw_objects.len());
+            for (index, raw) in raw_objects.into_iter().enumerate() {
+                stats.push(parse_object(ObjectAt::Stats(index), raw, body)?);
+            }
+            stats
+        }
+        Objects::Read(read) => {
+            let mut stats = Vec::with_capacity(read.len());
+            for (index, (head, text)) in read.into_iter().enumerate() {
+                stats.push(object_of(ObjectAt::Stats(index), head, text, body)?);
+            }
+            stats
+        }
+    };
 
     Ok(Report {
         connection,
