@@ -287,6 +287,17 @@ fn serve(settings: &Settings, name: &str, sinks: &str, spool: bool) -> Result<Se
     )?)
 }
 
+/// Lets the disk and PostgreSQL finish what an earlier row left behind (dirty pages, a pending
+/// checkpoint), so that each end-to-end row starts from the same quiet state rather than paying
+/// for the one before it.
+fn settle(settings: &Settings) -> Result<(), AnyError> {
+    Command::new("sync").status()?;
+    if let Some(admin) = &settings.pg_url {
+        psql(admin, "CHECKPOINT")?;
+    }
+    Ok(())
+}
+
 /// Sends every report and waits until `sink` has stored every object; objects per second.
 async fn end_to_end(served: &Served, reports: &[Generated], sink: &str) -> Result<f64, AnyError> {
     let bodies: Arc<Vec<Bytes>> = Arc::new(reports.iter().map(|r| r.body.clone()).collect());
@@ -563,6 +574,8 @@ fn psql(url: &str, command: &str) -> Result<String, AnyError> {
 
 /// A fresh database on the bench cluster, migrated by `kohaku migrate`; its URL.
 fn pg_database(settings: &Settings, admin_url: &str, name: &str) -> Result<String, AnyError> {
+    // Dropped first: a cluster reused across runs (KOHAKU_BENCH_ONLY) starts empty too.
+    psql(admin_url, &format!("DROP DATABASE IF EXISTS {name}"))?;
     psql(admin_url, &format!("CREATE DATABASE {name}"))?;
     let url = match admin_url.rsplit_once('/') {
         Some((server, _)) => format!("{server}/{name}"),
@@ -675,160 +688,175 @@ async fn main() -> Result<(), AnyError> {
     );
     let mut lines = Vec::new();
 
-    // 1. Ingest without a store, against a bare server, same body, same h2load. One h2load run
-    // lasts about a second, which the machine's noise (another process waking, a CPU's turbo)
-    // swings by a third either way: each pair is warmed up, then run INGEST_ROUNDS times with
-    // Kohaku and the baseline alternating, and the median of each is reported.
-    eprintln!("bench: 1/5 HTTP/2 exporter and HTTP/1.1 webhook ingest (h2load)");
-    let bare_h2_addr = bare_server(Sender::ExporterH2).await?;
-    let bare_h1_addr = bare_server(Sender::WebhookH1).await?;
-    let webhook_body = webhook_body(&generated[0].body)?;
-    let mut config = kohaku::config::Config::default();
-    config.server.listen_addr = [127, 0, 0, 1].into();
-    config.server.listen_port = 0;
-    config.exporter.listen_port = 0;
-    let app = kohaku::app::App::start(&config, vec![Arc::new(DiscardSink)]).await?;
-    let pairs = [
-        (
-            bare_h2_addr,
-            &generated[0].body[..],
-            "bare",
-            Sender::ExporterH2,
-        ),
-        (
-            app.ingest_addr(),
-            &generated[0].body[..],
-            "discard",
-            Sender::ExporterH2,
-        ),
-        (
-            bare_h1_addr,
-            &webhook_body[..],
-            "bare-h1",
-            Sender::WebhookH1,
-        ),
-        (
-            app.ingest_addr(),
-            &webhook_body[..],
-            "webhook",
-            Sender::WebhookH1,
-        ),
-    ];
-    for (addr, body, name, sender) in pairs {
-        h2load(
-            &settings,
-            settings.h2load_requests / 10,
-            addr,
-            body,
-            name,
-            sender,
-        )?;
-    }
-    let mut runs: [Vec<H2load>; 4] = Default::default();
-    for _ in 0..INGEST_ROUNDS {
-        for (index, (addr, body, name, sender)) in pairs.into_iter().enumerate() {
-            let run = h2load(
+    let sqlite_sink = |name: &str| format!("[sinks.sqlite]\npath = \"{name}.db\"\n");
+    // KOHAKU_BENCH_ONLY=ingest: row 1 alone (for profiling the ingest path); =spool: rows 5
+    // alone with their baselines (for comparing two builds' spool path, `bench KOHAKU_BINARY`).
+    let only = std::env::var("KOHAKU_BENCH_ONLY").ok();
+    let rows = |wanted: &str| only.as_deref().is_none_or(|only| only == wanted);
+
+    if rows("ingest") {
+        // 1. Ingest without a store, against a bare server, same body, same h2load. One h2load run
+        // lasts about a second, which the machine's noise (another process waking, a CPU's turbo)
+        // swings by a third either way: each pair is warmed up, then run INGEST_ROUNDS times with
+        // Kohaku and the baseline alternating, and the median of each is reported.
+        eprintln!("bench: 1/5 HTTP/2 exporter and HTTP/1.1 webhook ingest (h2load)");
+        let bare_h2_addr = bare_server(Sender::ExporterH2).await?;
+        let bare_h1_addr = bare_server(Sender::WebhookH1).await?;
+        let webhook_body = webhook_body(&generated[0].body)?;
+        let mut config = kohaku::config::Config::default();
+        config.server.listen_addr = [127, 0, 0, 1].into();
+        config.server.listen_port = 0;
+        config.exporter.listen_port = 0;
+        let app = kohaku::app::App::start(&config, vec![Arc::new(DiscardSink)]).await?;
+        let pairs = [
+            (
+                bare_h2_addr,
+                &generated[0].body[..],
+                "bare",
+                Sender::ExporterH2,
+            ),
+            (
+                app.ingest_addr(),
+                &generated[0].body[..],
+                "discard",
+                Sender::ExporterH2,
+            ),
+            (
+                bare_h1_addr,
+                &webhook_body[..],
+                "bare-h1",
+                Sender::WebhookH1,
+            ),
+            (
+                app.ingest_addr(),
+                &webhook_body[..],
+                "webhook",
+                Sender::WebhookH1,
+            ),
+        ];
+        for (addr, body, name, sender) in pairs {
+            h2load(
                 &settings,
-                settings.h2load_requests,
+                settings.h2load_requests / 10,
                 addr,
                 body,
                 name,
                 sender,
             )?;
-            runs[index].push(run);
         }
-    }
-    app.shutdown().await;
-    let [bare, discard, bare_h1, webhook] = runs.map(median_run);
-    if discard.failed > 0 || bare.failed > 0 {
-        eprintln!(
-            "bench: h2load failures: kohaku {}, bare {}",
-            discard.failed, bare.failed
-        );
-    }
-    lines.push(ratio_line(
-        "HTTP/2 ingest, discarding sink (req/s)",
-        discard.requests_per_sec,
-        bare.requests_per_sec,
-        "req/s",
-        0.5,
-    ));
-    lines.push(Line {
-        what: "  same, stats objects/s".into(),
-        value: format!(
-            "{:.0} objects/s",
-            discard.requests_per_sec * OBJECTS_PER_REPORT as f64
-        ),
-        baseline: "–".into(),
-        ratio: None,
-        target: "",
-    });
-    lines.push(Line {
-        what: "  same, latency p50 / p99".into(),
-        value: format!("{:.2} / {:.2} ms", discard.p50_ms, discard.p99_ms),
-        baseline: format!("{:.2} / {:.2} ms", bare.p50_ms, bare.p99_ms),
-        ratio: None,
-        target: "",
-    });
-    if webhook.failed > 0 || bare_h1.failed > 0 {
-        eprintln!(
-            "bench: h2load --h1 failures: kohaku {}, bare {}",
-            webhook.failed, bare_h1.failed
-        );
-    }
-    lines.push(ratio_line(
-        "HTTP/1.1 webhook ingest, 5 keep-alive connections, discarding sink (req/s)",
-        webhook.requests_per_sec,
-        bare_h1.requests_per_sec,
-        "req/s",
-        0.5,
-    ));
-    lines.push(Line {
-        what: "  same, latency p50 / p99".into(),
-        value: format!("{:.2} / {:.2} ms", webhook.p50_ms, webhook.p99_ms),
-        baseline: format!("{:.2} / {:.2} ms", bare_h1.p50_ms, bare_h1.p99_ms),
-        ratio: None,
-        target: "",
-    });
+        let mut runs: [Vec<H2load>; 4] = Default::default();
+        for _ in 0..INGEST_ROUNDS {
+            for (index, (addr, body, name, sender)) in pairs.into_iter().enumerate() {
+                let run = h2load(
+                    &settings,
+                    settings.h2load_requests,
+                    addr,
+                    body,
+                    name,
+                    sender,
+                )?;
+                runs[index].push(run);
+            }
+        }
+        app.shutdown().await;
+        let [bare, discard, bare_h1, webhook] = runs.map(median_run);
+        if discard.failed > 0 || bare.failed > 0 {
+            eprintln!(
+                "bench: h2load failures: kohaku {}, bare {}",
+                discard.failed, bare.failed
+            );
+        }
+        lines.push(ratio_line(
+            "HTTP/2 ingest, discarding sink (req/s)",
+            discard.requests_per_sec,
+            bare.requests_per_sec,
+            "req/s",
+            0.5,
+        ));
+        lines.push(Line {
+            what: "  same, stats objects/s".into(),
+            value: format!(
+                "{:.0} objects/s",
+                discard.requests_per_sec * OBJECTS_PER_REPORT as f64
+            ),
+            baseline: "–".into(),
+            ratio: None,
+            target: "",
+        });
+        lines.push(Line {
+            what: "  same, latency p50 / p99".into(),
+            value: format!("{:.2} / {:.2} ms", discard.p50_ms, discard.p99_ms),
+            baseline: format!("{:.2} / {:.2} ms", bare.p50_ms, bare.p99_ms),
+            ratio: None,
+            target: "",
+        });
+        if webhook.failed > 0 || bare_h1.failed > 0 {
+            eprintln!(
+                "bench: h2load --h1 failures: kohaku {}, bare {}",
+                webhook.failed, bare_h1.failed
+            );
+        }
+        lines.push(ratio_line(
+            "HTTP/1.1 webhook ingest, 5 keep-alive connections, discarding sink (req/s)",
+            webhook.requests_per_sec,
+            bare_h1.requests_per_sec,
+            "req/s",
+            0.5,
+        ));
+        lines.push(Line {
+            what: "  same, latency p50 / p99".into(),
+            value: format!("{:.2} / {:.2} ms", webhook.p50_ms, webhook.p99_ms),
+            baseline: format!("{:.2} / {:.2} ms", bare_h1.p50_ms, bare_h1.p99_ms),
+            ratio: None,
+            target: "",
+        });
 
-    // For profiling the ingest path alone (`perf record` around this process).
-    if std::env::var("KOHAKU_BENCH_ONLY").as_deref() == Ok("ingest") {
+        // For profiling the ingest path alone (`perf record` around this process).
+    }
+    if only.as_deref() == Some("ingest") {
         print(&lines);
         return Ok(());
     }
 
     // 2. End to end into SQLite, against rusqlite inserting the same rows.
     eprintln!("bench: 2/5 SQLite");
-    let sqlite_sink = |name: &str| format!("[sinks.sqlite]\npath = \"{name}.db\"\n");
     let sqlite_ceiling = sqlite_ceiling(&settings, &generated)?;
-    let served = serve(&settings, "sqlite", &sqlite_sink("stats"), false)?;
-    let sqlite = end_to_end(&served, &generated, "sqlite").await?;
-    drop(served);
-    lines.push(ratio_line(
-        "end to end into SQLite (objects/s)",
-        sqlite,
-        sqlite_ceiling,
-        "objects/s",
-        0.5,
-    ));
+
+    let mut sqlite = 0.0;
+    if only.is_none() {
+        settle(&settings)?;
+        let served = serve(&settings, "sqlite", &sqlite_sink("stats"), false)?;
+        sqlite = end_to_end(&served, &generated, "sqlite").await?;
+        drop(served);
+        lines.push(ratio_line(
+            "end to end into SQLite (objects/s)",
+            sqlite,
+            sqlite_ceiling,
+            "objects/s",
+            0.5,
+        ));
+    }
 
     // 3. End to end into PostgreSQL, against psql \copy of the same rows.
     let postgres = match &settings.pg_url {
         Some(admin) => {
             eprintln!("bench: 3/5 PostgreSQL");
             let ceiling = postgres_ceiling(&settings, admin, &generated)?;
-            let url = pg_database(&settings, admin, "bench_kohaku")?;
-            let sink = format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n");
-            let served = serve(&settings, "postgres", &sink, false)?;
-            let measured = end_to_end(&served, &generated, "timescaledb").await?;
-            drop(served);
-            lines.push(ratio_line(
-                "end to end into PostgreSQL (objects/s)",
-                measured,
-                ceiling,
-                "objects/s",
-                0.5,
-            ));
+            if only.is_none() {
+                let url = pg_database(&settings, admin, "bench_kohaku")?;
+                let sink = format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n");
+                settle(&settings)?;
+                let served = serve(&settings, "postgres", &sink, false)?;
+                let measured = end_to_end(&served, &generated, "timescaledb").await?;
+                drop(served);
+                lines.push(ratio_line(
+                    "end to end into PostgreSQL (objects/s)",
+                    measured,
+                    ceiling,
+                    "objects/s",
+                    0.5,
+                ));
+            }
             Some((admin.clone(), ceiling))
         }
         None => {
@@ -837,51 +865,54 @@ async fn main() -> Result<(), AnyError> {
         }
     };
 
-    // 4. Overload: twice the sustainable SQLite rate. The end-to-end figure includes start-up
-    // and the final wait, so it understates what the sink sustains; while no 503 comes back the
-    // offered rate doubles (at most three times), so that the queue really fills.
-    eprintln!("bench: 4/5 overload");
-    let served = serve(&settings, "overload", &sqlite_sink("overload"), false)?;
-    let bodies: Arc<Vec<Bytes>> = Arc::new(generated.iter().map(|r| r.body.clone()).collect());
-    let mut rate = 2.0 * sqlite / OBJECTS_PER_REPORT as f64;
-    let mut load = Arc::new(Load::default());
-    for round in 0..4 {
-        load = Arc::new(Load::default());
-        offer(
-            served.ingest,
-            bodies.clone(),
-            rate,
-            Duration::from_secs(settings.overload_secs),
-            load.clone(),
-        )
-        .await?;
-        if load.busy.load(Ordering::Relaxed) > 0 || round == 3 {
-            break;
+    if only.is_none() {
+        // 4. Overload: twice the sustainable SQLite rate. The end-to-end figure includes start-up
+        // and the final wait, so it understates what the sink sustains; while no 503 comes back the
+        // offered rate doubles (at most three times), so that the queue really fills.
+        eprintln!("bench: 4/5 overload");
+        let served = serve(&settings, "overload", &sqlite_sink("overload"), false)?;
+        let bodies: Arc<Vec<Bytes>> = Arc::new(generated.iter().map(|r| r.body.clone()).collect());
+        let mut rate = 2.0 * sqlite / OBJECTS_PER_REPORT as f64;
+        let mut load = Arc::new(Load::default());
+        for round in 0..4 {
+            load = Arc::new(Load::default());
+            offer(
+                served.ingest,
+                bodies.clone(),
+                rate,
+                Duration::from_secs(settings.overload_secs),
+                load.clone(),
+            )
+            .await?;
+            if load.busy.load(Ordering::Relaxed) > 0 || round == 3 {
+                break;
+            }
+            rate *= 2.0;
         }
-        rate *= 2.0;
+        let peak = served.peak_rss_mib();
+        drop(served);
+        let busy = load.busy.load(Ordering::Relaxed);
+        lines.push(Line {
+            what: format!(
+                "peak RSS, overloaded ({rate:.0} req/s offered for {} s: {} × 204, {busy} × 503, {} other)",
+                settings.overload_secs,
+                load.accepted.load(Ordering::Relaxed),
+                load.other.load(Ordering::Relaxed)
+            ),
+            value: format!("{peak:.1} MiB"),
+            baseline: "256 MiB".into(),
+            ratio: Some(peak / 256.0),
+            target: match (peak <= 256.0, busy > 0) {
+                (true, true) => "met (≤ 256 MiB, answers 503)",
+                (true, false) => "not overloaded: no 503",
+                (false, _) => "MISSED (≤ 256 MiB)",
+            },
+        });
     }
-    let peak = served.peak_rss_mib();
-    drop(served);
-    let busy = load.busy.load(Ordering::Relaxed);
-    lines.push(Line {
-        what: format!(
-            "peak RSS, overloaded ({rate:.0} req/s offered for {} s: {} × 204, {busy} × 503, {} other)",
-            settings.overload_secs,
-            load.accepted.load(Ordering::Relaxed),
-            load.other.load(Ordering::Relaxed)
-        ),
-        value: format!("{peak:.1} MiB"),
-        baseline: "256 MiB".into(),
-        ratio: Some(peak / 256.0),
-        target: match (peak <= 256.0, busy > 0) {
-            (true, true) => "met (≤ 256 MiB, answers 503)",
-            (true, false) => "not overloaded: no 503",
-            (false, _) => "MISSED (≤ 256 MiB)",
-        },
-    });
 
     // 5. The same end-to-end runs with the durable spool.
     eprintln!("bench: 5/5 with the spool");
+    settle(&settings)?;
     let served = serve(&settings, "spool-sqlite", &sqlite_sink("stats"), true)?;
     let spooled = end_to_end(&served, &generated, "sqlite").await?;
     drop(served);
@@ -895,6 +926,7 @@ async fn main() -> Result<(), AnyError> {
     if let Some((admin, ceiling)) = postgres {
         let url = pg_database(&settings, &admin, "bench_spool")?;
         let sink = format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n");
+        settle(&settings)?;
         let served = serve(&settings, "spool-postgres", &sink, true)?;
         let measured = end_to_end(&served, &generated, "timescaledb").await?;
         drop(served);
