@@ -13,6 +13,7 @@ use super::InvalidReport;
 const MAX_OBJECT_TIMESTAMP_MS: f64 = 9.0e15;
 
 /// The three members Kohaku reads from a stats object.
+#[derive(Default)]
 pub(super) struct ObjectHead<'a> {
     pub(super) id: Option<Cow<'a, str>>,
     pub(super) rtc_type: Option<Cow<'a, str>>,
@@ -50,12 +51,7 @@ enum HeadError {
 /// parse`).
 fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
     let bytes = text.as_bytes();
-    let mut head = ObjectHead {
-        id: None,
-        rtc_type: None,
-        timestamp: None,
-        escapes: false,
-    };
+    let mut head = ObjectHead::default();
     let mut seen = [false; 3];
     let mut at = skip_whitespace(bytes, 1);
     while at < bytes.len() && bytes[at] == b'"' {
@@ -68,18 +64,15 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
         at = skip_whitespace(bytes, at + 1);
         let value_end = value_end(bytes, at, limit, &mut head.escapes).ok_or(HeadError::TooDeep)?;
         let value = &text[at..value_end];
-        let slot = match key {
-            "\"id\"" => Some(0),
-            "\"type\"" => Some(1),
-            "\"timestamp\"" => Some(2),
+        let slot = if key_escaped {
             // A key spelled with escapes (`"\u0069d"`) is still `id`.
-            _ if key_escaped => match serde_json::from_str::<String>(key).as_deref() {
-                Ok("id") => Some(0),
-                Ok("type") => Some(1),
-                Ok("timestamp") => Some(2),
-                _ => None,
-            },
-            _ => None,
+            serde_json::from_str::<String>(key)
+                .ok()
+                .and_then(|name| member_slot(&name))
+        } else {
+            key.strip_prefix('"')
+                .and_then(|name| name.strip_suffix('"'))
+                .and_then(member_slot)
         };
         if let Some(slot) = slot {
             let name = ["id", "type", "timestamp"][slot];
@@ -99,6 +92,17 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
         }
     }
     Ok(head)
+}
+
+/// Which of the three members Kohaku reads `name` (unquoted, unescaped) is: 0 `id`, 1 `type`,
+/// 2 `timestamp`.
+pub(super) fn member_slot(name: &str) -> Option<usize> {
+    match name {
+        "id" => Some(0),
+        "type" => Some(1),
+        "timestamp" => Some(2),
+        _ => None,
+    }
 }
 
 /// A JSON number, or null, as serde_json reads it into an `f64`, without a deserializer for the

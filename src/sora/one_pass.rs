@@ -15,7 +15,7 @@
 
 use std::borrow::Cow;
 
-use super::object::{number_value, ObjectHead, MAX_OBJECT_DEPTH};
+use super::object::{member_slot, number_value, ObjectHead, MAX_OBJECT_DEPTH};
 
 /// Nesting allowed in the body's other members before the general path takes over (serde_json's
 /// own limit is 128).
@@ -120,12 +120,7 @@ fn object_head(text: &str, mut at: usize) -> Option<(ObjectHead<'_>, usize)> {
     if bytes.get(at) != Some(&b'{') {
         return None;
     }
-    let mut head = ObjectHead {
-        id: None,
-        rtc_type: None,
-        timestamp: None,
-        escapes: false,
-    };
+    let mut head = ObjectHead::default();
     let mut seen = [false; 3];
     at = skip_spaces(bytes, at + 1);
     if bytes.get(at) == Some(&b'}') {
@@ -141,13 +136,7 @@ fn object_head(text: &str, mut at: usize) -> Option<(ObjectHead<'_>, usize)> {
         // The object is level 1, as the general path counts it.
         let end = value_end(bytes, at, 1, MAX_OBJECT_DEPTH)?;
         let value = &text[at..end];
-        let slot = match key {
-            "id" => Some(0),
-            "type" => Some(1),
-            "timestamp" => Some(2),
-            _ => None,
-        };
-        if let Some(slot) = slot {
+        if let Some(slot) = member_slot(key) {
             if std::mem::replace(&mut seen[slot], true) {
                 return None;
             }
