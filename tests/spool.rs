@@ -157,6 +157,15 @@ async fn a_sink_that_cannot_write_fills_the_spool_and_loses_nothing_acknowledged
     assert_eq!(stored_connections(&db), acknowledged.0);
     let client = H2::connect(app.ingest_addr()).await;
     let exporter = H2::connect(app.exporter_addr()).await;
+    // The rows are visible a moment before the sink's cursor moves and the replayed segments are
+    // deleted; until then the spool is still full.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&exporter.get("/metrics").await.text(), "kohaku_spool_bytes")
+        .is_none_or(|bytes| bytes > 64.0 * 1024.0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let answer = client
         .post_report(small_report(seed, OBJECTS_PER_REPORT).to_string())
         .await;
