@@ -1,6 +1,6 @@
 //! The registry of storage backends: each one's configuration type, checks and constructor, as
 //! its crate defines them (`kohaku_<backend>::Config`). The only module that knows which backends
-//! were compiled in: one `#[cfg]` pair per backend below; a backend left out of the build keeps
+//! were compiled in: one `backend!` line per backend below; a backend left out of the build keeps
 //! its `[sinks.<backend>]` table as written and is refused in one place, naming the feature to
 //! build with.
 
@@ -9,38 +9,26 @@ use std::sync::Arc;
 use kohaku_sink::{InvalidSetting, SinkError, StatsSink};
 use serde::{Deserialize, Serialize};
 
-#[cfg(feature = "sqlite")]
-mod sqlite {
-    pub use kohaku_sqlite::Config;
-    pub const COMPILED: bool = true;
-    pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
-        Ok(std::sync::Arc::new(config.build()?))
-    }
+/// One backend: its crate's `Config` and constructor when its feature is built, a stand-in that
+/// keeps its table as written when not.
+macro_rules! backend {
+    ($feature:literal, $module:ident, $config:path) => {
+        #[cfg(feature = $feature)]
+        mod $module {
+            pub use $config as Config;
+            pub const COMPILED: bool = true;
+            pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
+                Ok(std::sync::Arc::new(config.build()?))
+            }
+        }
+        #[cfg(not(feature = $feature))]
+        use not_compiled as $module;
+    };
 }
-#[cfg(not(feature = "sqlite"))]
-use not_compiled as sqlite;
 
-#[cfg(feature = "timescaledb")]
-mod timescaledb {
-    pub use kohaku_timescaledb::Config;
-    pub const COMPILED: bool = true;
-    pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
-        Ok(std::sync::Arc::new(config.build()?))
-    }
-}
-#[cfg(not(feature = "timescaledb"))]
-use not_compiled as timescaledb;
-
-#[cfg(feature = "timestream")]
-mod timestream {
-    pub use kohaku_timestream::Config;
-    pub const COMPILED: bool = true;
-    pub fn build(config: &Config) -> Result<super::Built, super::SinkError> {
-        Ok(std::sync::Arc::new(config.build()?))
-    }
-}
-#[cfg(not(feature = "timestream"))]
-use not_compiled as timestream;
+backend!("sqlite", sqlite, kohaku_sqlite::Config);
+backend!("timescaledb", timescaledb, kohaku_timescaledb::Config);
+backend!("timestream", timestream, kohaku_timestream::Config);
 
 type Built = Arc<dyn StatsSink>;
 
