@@ -20,6 +20,10 @@ use super::object::{member_slot, number_value, ObjectHead, MAX_OBJECT_DEPTH};
 /// Nesting allowed in the body's other members before the general path takes over (serde_json's
 /// own limit is 128).
 const MAX_OTHER_DEPTH: usize = 64;
+/// Bytes of the other members copied for serde at most: Sora's are a few hundred. A body with
+/// larger ones takes the general path, which borrows them, so that no request holds a second
+/// copy of itself outside the memory budget.
+const MAX_OTHERS_BYTES: usize = 16 * 1024;
 
 /// A body split into its stats objects, read, and its other members.
 pub(super) struct Split<'a> {
@@ -67,6 +71,9 @@ pub(super) fn split(text: &str) -> Option<Split<'_>> {
             at = end;
         } else {
             let end = value_end(bytes, at, 0, MAX_OTHER_DEPTH)?;
+            if others.len() + (end - member) >= MAX_OTHERS_BYTES {
+                return None;
+            }
             if others.len() > 1 {
                 others.push(',');
             }
@@ -392,6 +399,10 @@ mod tests {
             ),
             body(&[], "").replace(',', ",\n"),
             body(&[], ",\"stats\":[]"),
+            body(
+                &[],
+                &format!(",\"large\":\"{}\"", "x".repeat(super::MAX_OTHERS_BYTES)),
+            ),
         ] {
             assert!(split(&declined).is_none(), "{declined}");
         }
