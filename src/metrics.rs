@@ -60,6 +60,20 @@ pub struct BuildLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// The label a sender-chosen type gets: its own for the first few (and short ones), `other`
+/// after, so that no sender can grow the exporter's output. True the first time a label is used.
+fn capped_label(seen: &Mutex<HashSet<String>>, kind: &str) -> (String, bool) {
+    const OTHER: &str = "other";
+    let mut seen = lock(seen);
+    if seen.contains(kind) {
+        (kind.to_owned(), false)
+    } else if seen.len() < MAX_IGNORED_TYPE_LABELS && kind.len() <= MAX_IGNORED_TYPE_LEN {
+        (kind.to_owned(), seen.insert(kind.to_owned()))
+    } else {
+        (OTHER.to_owned(), seen.insert(OTHER.to_owned()))
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -68,6 +82,12 @@ pub struct Metrics {
     reports_ignored: Family<TypeLabels, Counter>,
     /// Ignored types that have a series (and were logged) already.
     ignored_types: Mutex<HashSet<String>>,
+    objects_unchanged: Family<TypeLabels, Counter>,
+    /// Stats types that have an `objects_unchanged` series already.
+    unchanged_types: Mutex<HashSet<String>>,
+    pub skip_cache_entries: Gauge,
+    pub skip_cache_capacity: Gauge,
+    pub skip_cache_evictions: Counter,
     pub rows_written: Family<SinkLabels, Counter>,
     pub rows_duplicate: Family<SinkLabels, Counter>,
     pub rows_rejected: Family<SinkLabels, Counter>,
@@ -118,6 +138,30 @@ impl Metrics {
             "reports_ignored",
             "Stats-webhook requests of a type Kohaku does not store, answered 200 so that Sora does not count them as failures",
             reports_ignored.clone(),
+        );
+        let objects_unchanged = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "stats_objects_unchanged",
+            "Stats objects not stored because they equal the same connection's previous one but for their timestamp ([pipeline] skip_unchanged), by type",
+            objects_unchanged.clone(),
+        );
+        let skip_cache_entries = Gauge::default();
+        registry.register(
+            "skip_unchanged_cache_entries",
+            "Objects the skip_unchanged cache remembers",
+            skip_cache_entries.clone(),
+        );
+        let skip_cache_capacity = Gauge::default();
+        registry.register(
+            "skip_unchanged_cache_capacity_entries",
+            "pipeline.skip_unchanged_cache_entries, rounded up to whole sets",
+            skip_cache_capacity.clone(),
+        );
+        let skip_cache_evictions = Counter::default();
+        registry.register(
+            "skip_unchanged_cache_evictions",
+            "Objects the skip_unchanged cache forgot to remember others; each costs at most one stored repeat",
+            skip_cache_evictions.clone(),
         );
         let rows_written = Family::<SinkLabels, Counter>::default();
         registry.register(
@@ -194,6 +238,11 @@ impl Metrics {
             stats_objects_received,
             reports_ignored,
             ignored_types: Mutex::new(HashSet::new()),
+            objects_unchanged,
+            unchanged_types: Mutex::new(HashSet::new()),
+            skip_cache_entries,
+            skip_cache_capacity,
+            skip_cache_evictions,
             rows_written,
             rows_duplicate,
             rows_rejected,
@@ -240,21 +289,19 @@ impl Metrics {
     /// One webhook of a type Kohaku does not store. True the first time its label is used, so
     /// that the caller logs each type once, not once per request.
     pub fn count_ignored(&self, kind: &str) -> bool {
-        const OTHER: &str = "other";
-        let mut seen = lock(&self.ignored_types);
-        let (label, first) = if seen.contains(kind) {
-            (kind, false)
-        } else if seen.len() < MAX_IGNORED_TYPE_LABELS && kind.len() <= MAX_IGNORED_TYPE_LEN {
-            (kind, seen.insert(kind.to_owned()))
-        } else {
-            (OTHER, seen.insert(OTHER.to_owned()))
-        };
+        let (label, first) = capped_label(&self.ignored_types, kind);
         self.reports_ignored
-            .get_or_create(&TypeLabels {
-                r#type: label.to_owned(),
-            })
+            .get_or_create(&TypeLabels { r#type: label })
             .inc();
         first
+    }
+
+    /// One stats object of `rtc_type` not stored because it did not change.
+    pub fn count_unchanged(&self, rtc_type: &str) {
+        let (label, _) = capped_label(&self.unchanged_types, rtc_type);
+        self.objects_unchanged
+            .get_or_create(&TypeLabels { r#type: label })
+            .inc();
     }
 
     pub fn sink(name: &str) -> SinkLabels {

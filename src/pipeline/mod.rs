@@ -8,6 +8,7 @@ mod backoff;
 mod health;
 mod intake;
 mod queue;
+mod unchanged;
 mod worker;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ pub use backoff::Backoff;
 pub use health::{SinkHealth, SinkStatus};
 pub use intake::{AcceptError, Intake};
 pub use queue::{Queue, SubmitError};
+pub use unchanged::{SkipTypes, SkipUnchanged, ENTRY_BYTES, WAYS};
 
 use crate::budget::MemoryBudget;
 use crate::config::PipelineConfig;

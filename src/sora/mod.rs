@@ -17,6 +17,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 pub use log_line::{parse_log_line, LogLine, LogStats};
+pub use object::timestamp_span;
 pub use report::{parse_report, parse_spooled, parse_webhook, Webhook};
 
 #[cfg(test)]

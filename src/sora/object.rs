@@ -94,6 +94,39 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
     Ok(head)
 }
 
+/// Where the top-level `timestamp` member's value sits in a stats object's text (one Kohaku
+/// accepted, so valid JSON); `None` when it has none.
+pub fn timestamp_span(text: &str) -> Option<std::ops::Range<usize>> {
+    let bytes = text.as_bytes();
+    let mut escapes = false;
+    let mut at = skip_whitespace(bytes, 1);
+    while at < bytes.len() && bytes[at] == b'"' {
+        let mut key_escaped = false;
+        let key_end = string_end(bytes, at, &mut key_escaped);
+        let key = &text[at..key_end];
+        at = skip_whitespace(bytes, key_end);
+        at = skip_whitespace(bytes, at + 1);
+        let end = value_end(bytes, at, usize::MAX, &mut escapes)?;
+        let slot = if key_escaped {
+            serde_json::from_str::<String>(key)
+                .ok()
+                .and_then(|name| member_slot(&name))
+        } else {
+            key.strip_prefix('"')
+                .and_then(|name| name.strip_suffix('"'))
+                .and_then(member_slot)
+        };
+        if slot == Some(2) {
+            return Some(at..end);
+        }
+        at = skip_whitespace(bytes, end);
+        if bytes.get(at) == Some(&b',') {
+            at = skip_whitespace(bytes, at + 1);
+        }
+    }
+    None
+}
+
 /// Which of the three members Kohaku reads `name` (unquoted, unescaped) is: 0 `id`, 1 `type`,
 /// 2 `timestamp`.
 pub(super) fn member_slot(name: &str) -> Option<usize> {

@@ -1,0 +1,227 @@
+//! `[pipeline] skip_unchanged`: a stats object is dropped when its content, `timestamp` aside,
+//! equals what was last accepted for the same `(connection_id, id)` at an earlier time.
+//!
+//! One decision for every sink, taken where a report enters the pipeline (before the queue or
+//! the spool): the sinks then store the same rows, and the cache is kept once, not once per sink.
+//!
+//! The cache is a fixed table of `entries` slots in sets of [`WAYS`], [`ENTRY_BYTES`] bytes
+//! each, allocated once: whatever the number of connections, it never grows. A key that finds no
+//! slot (never seen, or evicted by others) is stored, so a miss costs at most one stored repeat,
+//! never a lost change. Neither is a report that is older than what the cache holds (reports of
+//! one connection can arrive out of order): only a strictly later object can be found unchanged,
+//! and an older one never updates the slot. After a restart the cache is empty: the first object
+//! of every key is stored again.
+
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use kohaku_sink::Report;
+
+use crate::metrics::Metrics;
+use crate::sync::lock;
+
+/// Slots per set: a key may sit in any of them, so that two busy keys hashing to one set do not
+/// evict each other.
+pub const WAYS: usize = 4;
+/// Bytes one cache entry takes: the key's hash, the object's time and its content's hash.
+pub const ENTRY_BYTES: usize = std::mem::size_of::<Slot>();
+
+/// Which stats types are checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipTypes {
+    All,
+    Only(Vec<String>),
+}
+
+impl SkipTypes {
+    fn covers(&self, rtc_type: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(types) => types.iter().any(|t| t == rtc_type),
+        }
+    }
+}
+
+/// One remembered object. `key == 0` is an empty slot (a real key hashing to 0 is stored as 1).
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    key: u64,
+    timestamp: f64,
+    content: u64,
+}
+
+struct Cache {
+    sets: Vec<[Slot; WAYS]>,
+    used: usize,
+}
+
+/// The stage: shared by every intake of one pipeline.
+pub struct SkipUnchanged {
+    types: SkipTypes,
+    cache: Mutex<Cache>,
+    metrics: Arc<Metrics>,
+}
+
+impl SkipUnchanged {
+    /// A cache of at least `entries` slots (rounded up to whole sets).
+    pub fn new(types: SkipTypes, entries: usize, metrics: Arc<Metrics>) -> Self {
+        let sets = entries.div_ceil(WAYS).max(1);
+        metrics
+            .skip_cache_capacity
+            .set(i64::try_from(sets * WAYS).unwrap_or(i64::MAX));
+        Self {
+            types,
+            cache: Mutex::new(Cache {
+                sets: vec![[Slot::default(); WAYS]; sets],
+                used: 0,
+            }),
+            metrics,
+        }
+    }
+
+    /// Drops from `report` the objects found unchanged; returns how many.
+    pub fn filter(&self, report: &mut Report) -> usize {
+        let connection_id = report.connection.connection_id.as_str();
+        let mut cache = lock(&self.cache);
+        let before = report.stats.len();
+        let mut evictions = 0u64;
+        report.stats.retain(|object| {
+            if !self.types.covers(&object.rtc_type) {
+                return true;
+            }
+            let key = key_hash(connection_id, &object.rtc_id);
+            let content = content_hash(object.rtc_data.get());
+            let (keep, evicted) = cache.decide(key, object.rtc_timestamp, content);
+            evictions += u64::from(evicted);
+            if !keep {
+                self.metrics.count_unchanged(&object.rtc_type);
+            }
+            keep
+        });
+        self.metrics
+            .skip_cache_entries
+            .set(i64::try_from(cache.used).unwrap_or(i64::MAX));
+        drop(cache);
+        if evictions > 0 {
+            self.metrics.skip_cache_evictions.inc_by(evictions);
+        }
+        before - report.stats.len()
+    }
+}
+
+impl Cache {
+    /// Whether to keep the object, and whether remembering it evicted another key.
+    fn decide(&mut self, key: u64, timestamp: f64, content: u64) -> (bool, bool) {
+        let set_count = self.sets.len();
+        let set = &mut self.sets[(key as usize) % set_count];
+        if let Some(slot) = set.iter_mut().find(|slot| slot.key == key) {
+            if timestamp <= slot.timestamp {
+                // As old as what is remembered, or older: stored, and the newer state stays.
+                return (true, false);
+            }
+            let unchanged = slot.content == content;
+            slot.timestamp = timestamp;
+            slot.content = content;
+            return (!unchanged, false);
+        }
+        // Not remembered: stored, and it takes an empty slot or the one seen longest ago.
+        let (index, victim) = set
+            .iter()
+            .enumerate()
+            .min_by(|(_, a), (_, b)| {
+                (a.key != 0)
+                    .cmp(&(b.key != 0))
+                    .then(a.timestamp.total_cmp(&b.timestamp))
+            })
+            .map(|(index, slot)| (index, *slot))
+            .unwrap_or_default();
+        let evicted = victim.key != 0;
+        if !evicted {
+            self.used += 1;
+        }
+        set[index] = Slot {
+            key,
+            timestamp,
+            content,
+        };
+        (true, evicted)
+    }
+}
+
+fn key_hash(connection_id: &str, rtc_id: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    connection_id.hash(&mut hasher);
+    rtc_id.hash(&mut hasher);
+    hasher.finish().max(1)
+}
+
+/// The object's text without its top-level `timestamp` member's value.
+fn content_hash(text: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    match crate::sora::timestamp_span(text) {
+        Some(span) => {
+            hasher.write(&text.as_bytes()[..span.start]);
+            hasher.write_u8(0xff);
+            hasher.write(&text.as_bytes()[span.end..]);
+        }
+        None => hasher.write(text.as_bytes()),
+    }
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeat_is_skipped_a_change_and_a_flip_back_are_kept() {
+        let mut cache = Cache {
+            sets: vec![[Slot::default(); WAYS]; 8],
+            used: 0,
+        };
+        let (a, b) = (content_hash(r#"{"x":1}"#), content_hash(r#"{"x":2}"#));
+        assert_eq!(cache.decide(7, 1.0, a), (true, false), "first: stored");
+        assert_eq!(cache.decide(7, 2.0, a), (false, false), "repeat: skipped");
+        assert_eq!(cache.decide(7, 3.0, b), (true, false), "change: stored");
+        assert_eq!(cache.decide(7, 4.0, a), (true, false), "flip back: stored");
+        assert_eq!(cache.decide(7, 3.5, a), (true, false), "older: stored");
+        assert_eq!(
+            cache.decide(7, 5.0, a),
+            (false, false),
+            "the older did not move it"
+        );
+    }
+
+    #[test]
+    fn the_timestamp_does_not_count_but_everything_else_does() {
+        let base = content_hash(r#"{"id":"A","timestamp":1.5,"type":"codec","x":1}"#);
+        assert_eq!(
+            base,
+            content_hash(r#"{"id":"A","timestamp":2000.25,"type":"codec","x":1}"#)
+        );
+        for changed in [
+            r#"{"id":"A","timestamp":1.5,"type":"codec","x":null}"#,
+            r#"{"id":"A","timestamp":1.5,"type":"codec","x":1,"y":0}"#,
+            r#"{"id":"A","timestamp":1.5,"type":"codec","x":{"timestamp":1}}"#,
+        ] {
+            assert_ne!(base, content_hash(changed), "{changed}");
+        }
+    }
+
+    #[test]
+    fn the_table_never_grows_whatever_the_number_of_keys() {
+        let mut cache = Cache {
+            sets: vec![[Slot::default(); WAYS]; 16],
+            used: 0,
+        };
+        let mut evictions = 0;
+        for key in 1..=100_000u64 {
+            let (keep, evicted) = cache.decide(key_hash(&key.to_string(), "X"), 1.0, 1);
+            assert!(keep, "a key never seen is stored");
+            evictions += u64::from(evicted);
+        }
+        assert_eq!(cache.sets.len(), 16);
+        assert_eq!(cache.used, 16 * WAYS);
+        assert_eq!(evictions, 100_000 - 16 * WAYS as u64);
+    }
+}
