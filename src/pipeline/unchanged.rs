@@ -79,53 +79,81 @@ impl SkipUnchanged {
         }
     }
 
-    /// Drops from `report` the objects found unchanged; returns how many.
-    pub fn filter(&self, report: &mut Report) -> usize {
+    /// Drops from `report` the objects found unchanged. What it keeps is remembered only once
+    /// [`SkipUnchanged::remember`] is given the returned list, after the report was accepted: a
+    /// report answered 503 (and perhaps never sent again) must not make its objects look stored.
+    pub fn filter(&self, report: &mut Report) -> Kept {
         let connection_id = report.connection.connection_id.as_str();
-        let mut cache = lock(&self.cache);
-        let before = report.stats.len();
-        let mut evictions = 0u64;
+        let cache = lock(&self.cache);
+        let mut kept = Vec::new();
         report.stats.retain(|object| {
             if !self.types.covers(&object.rtc_type) {
                 return true;
             }
-            let key = key_hash(connection_id, &object.rtc_id);
-            let content = content_hash(object.rtc_data.get());
-            let (keep, evicted) = cache.decide(key, object.rtc_timestamp, content);
-            evictions += u64::from(evicted);
-            if !keep {
+            let entry = Slot {
+                key: key_hash(connection_id, &object.rtc_id),
+                timestamp: object.rtc_timestamp,
+                content: content_hash(object.rtc_data.get()),
+            };
+            if cache.unchanged(&entry) {
                 self.metrics.count_unchanged(&object.rtc_type);
+                return false;
             }
-            keep
+            kept.push(entry);
+            true
         });
+        Kept(kept)
+    }
+
+    /// Remembers what an accepted report kept.
+    pub fn remember(&self, kept: Kept) {
+        let mut cache = lock(&self.cache);
+        let evictions = kept
+            .0
+            .into_iter()
+            .filter(|entry| cache.record(*entry))
+            .count();
         self.metrics
             .skip_cache_entries
             .set(i64::try_from(cache.used).unwrap_or(i64::MAX));
         drop(cache);
         if evictions > 0 {
-            self.metrics.skip_cache_evictions.inc_by(evictions);
+            self.metrics.skip_cache_evictions.inc_by(evictions as u64);
         }
-        before - report.stats.len()
     }
 }
 
+/// What [`SkipUnchanged::filter`] kept, to remember once the report is accepted.
+#[must_use]
+pub struct Kept(Vec<Slot>);
+
 impl Cache {
-    /// Whether to keep the object, and whether remembering it evicted another key.
-    fn decide(&mut self, key: u64, timestamp: f64, content: u64) -> (bool, bool) {
-        let set_count = self.sets.len();
-        let set = &mut self.sets[(key as usize) % set_count];
-        if let Some(slot) = set.iter_mut().find(|slot| slot.key == key) {
-            if timestamp <= slot.timestamp {
-                // As old as what is remembered, or older: stored, and the newer state stays.
-                return (true, false);
+    fn set(&self, key: u64) -> usize {
+        (key as usize) % self.sets.len()
+    }
+
+    /// Whether `entry` is a strictly later object of a remembered key with the same content.
+    fn unchanged(&self, entry: &Slot) -> bool {
+        self.sets[self.set(entry.key)].iter().any(|slot| {
+            slot.key == entry.key
+                && entry.timestamp > slot.timestamp
+                && slot.content == entry.content
+        })
+    }
+
+    /// Remembers `entry` unless what is remembered for its key is as new or newer. True when
+    /// that evicted another key.
+    fn record(&mut self, entry: Slot) -> bool {
+        let index = self.set(entry.key);
+        let set = &mut self.sets[index];
+        if let Some(slot) = set.iter_mut().find(|slot| slot.key == entry.key) {
+            if entry.timestamp > slot.timestamp {
+                *slot = entry;
             }
-            let unchanged = slot.content == content;
-            slot.timestamp = timestamp;
-            slot.content = content;
-            return (!unchanged, false);
+            return false;
         }
-        // Not remembered: stored, and it takes an empty slot or the one seen longest ago.
-        let (index, victim) = set
+        // An empty slot, else the one seen longest ago.
+        let victim = set
             .iter()
             .enumerate()
             .min_by(|(_, a), (_, b)| {
@@ -133,18 +161,27 @@ impl Cache {
                     .cmp(&(b.key != 0))
                     .then(a.timestamp.total_cmp(&b.timestamp))
             })
-            .map(|(index, slot)| (index, *slot))
-            .unwrap_or_default();
-        let evicted = victim.key != 0;
+            .map_or(0, |(index, _)| index);
+        let evicted = set[victim].key != 0;
         if !evicted {
             self.used += 1;
         }
-        set[index] = Slot {
+        set[victim] = entry;
+        evicted
+    }
+
+    #[cfg(test)]
+    fn decide(&mut self, key: u64, timestamp: f64, content: u64) -> (bool, bool) {
+        let entry = Slot {
             key,
             timestamp,
             content,
         };
-        (true, evicted)
+        if self.unchanged(&entry) {
+            // As `filter`: a skipped object is not remembered.
+            return (false, false);
+        }
+        (true, self.record(entry))
     }
 }
 
