@@ -125,6 +125,27 @@ pub struct PipelineConfig {
     /// jitter.
     pub retry_initial_backoff_ms: u64,
     pub retry_max_backoff_ms: u64,
+    /// Store a stats object only when something but its `timestamp` changed since the same
+    /// connection's previous one with the same `id`: `"off"`, `"all"`, or a list of stats types.
+    pub skip_unchanged: SkipUnchanged,
+    /// Objects the skip_unchanged check remembers at most (24 bytes each, allocated at start-up);
+    /// one that is forgotten costs at most one stored repeat.
+    pub skip_unchanged_cache_entries: u64,
+}
+
+/// `pipeline.skip_unchanged`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum SkipUnchanged {
+    Mode(SkipMode),
+    Types(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipMode {
+    Off,
+    All,
 }
 
 impl Default for PipelineConfig {
@@ -137,6 +158,8 @@ impl Default for PipelineConfig {
             shutdown_timeout_secs: 30,
             retry_initial_backoff_ms: 100,
             retry_max_backoff_ms: 30_000,
+            skip_unchanged: SkipUnchanged::Mode(SkipMode::Off),
+            skip_unchanged_cache_entries: 262_144,
         }
     }
 }

@@ -9,6 +9,9 @@ use super::{
 
 /// Bounds of HTTP/2's SETTINGS_MAX_FRAME_SIZE (RFC 9113 §6.5.2).
 const H2_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;
+/// 2^28 entries: 6 GiB of cache, far past any deployment; a larger value is a typo.
+const MAX_SKIP_CACHE_ENTRIES: u64 = 1 << 28;
+
 impl Config {
     pub fn validate(&self, source: &ConfigSource) -> Result<(), ConfigError> {
         let invalid = |key: &str, message: String| ConfigError::Invalid {
@@ -162,6 +165,26 @@ impl Config {
                     pipeline.memory_max_bytes, server.max_body_bytes
                 ),
             ));
+        }
+        if !(crate::pipeline::WAYS as u64..=MAX_SKIP_CACHE_ENTRIES)
+            .contains(&pipeline.skip_unchanged_cache_entries)
+        {
+            return Err(invalid(
+                "pipeline.skip_unchanged_cache_entries",
+                format!(
+                    "must be {} to {MAX_SKIP_CACHE_ENTRIES} ({} bytes each)",
+                    crate::pipeline::WAYS,
+                    crate::pipeline::ENTRY_BYTES
+                ),
+            ));
+        }
+        if let super::SkipUnchanged::Types(types) = &pipeline.skip_unchanged {
+            if types.is_empty() || types.iter().any(String::is_empty) {
+                return Err(invalid(
+                    "pipeline.skip_unchanged",
+                    "a list must name stats types (e.g. [\"codec\", \"certificate\"]); use \"off\" for none".into(),
+                ));
+            }
         }
         if pipeline.retry_max_backoff_ms < pipeline.retry_initial_backoff_ms {
             return Err(invalid(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use kohaku_sink::Report;
 
 use super::queue::{Queue, SubmitError};
+use super::unchanged::SkipUnchanged;
 use crate::budget::{Held, MemoryBudget};
 use crate::metrics::Metrics;
 use crate::sora::Protocol;
@@ -72,6 +73,7 @@ enum Target {
     Spool {
         appender: SpoolAppender,
         metrics: Arc<Metrics>,
+        skip: Option<Arc<SkipUnchanged>>,
     },
 }
 
@@ -87,9 +89,14 @@ impl Intake {
         appender: SpoolAppender,
         metrics: Arc<Metrics>,
         budget: MemoryBudget,
+        skip: Option<Arc<SkipUnchanged>>,
     ) -> Self {
         Self {
-            target: Target::Spool { appender, metrics },
+            target: Target::Spool {
+                appender,
+                metrics,
+                skip,
+            },
             budget,
         }
     }
@@ -109,11 +116,22 @@ impl Intake {
     ) -> Result<(), AcceptError> {
         match &self.target {
             Target::Queue(queue) => Ok(queue.submit(report, protocol, memory)?),
-            Target::Spool { appender, metrics } => {
+            Target::Spool {
+                appender,
+                metrics,
+                skip,
+            } => {
+                let mut report = report;
                 let rows = report.row_count();
+                // The spool keeps the body whole: a replay that misses the parsed report stores
+                // the skipped objects once more, which costs repeats, never a change.
+                let kept = skip.as_ref().map(|skip| skip.filter(&mut report));
                 appender
                     .append_parsed(protocol, body, Arc::new(report))
                     .await?;
+                if let (Some(skip), Some(kept)) = (skip, kept) {
+                    skip.remember(kept);
+                }
                 drop(memory);
                 metrics.count_accepted(rows, protocol);
                 Ok(())

@@ -41,6 +41,8 @@ pub struct PipelineOptions {
     pub batch_max_wait: Duration,
     pub shutdown_timeout: Duration,
     pub backoff: Backoff,
+    /// `pipeline.skip_unchanged` and its cache size; `None` when off.
+    pub skip_unchanged: Option<(SkipTypes, usize)>,
 }
 
 impl From<&PipelineConfig> for PipelineOptions {
@@ -55,6 +57,16 @@ impl From<&PipelineConfig> for PipelineOptions {
             backoff: Backoff {
                 initial: Duration::from_millis(config.retry_initial_backoff_ms),
                 max: Duration::from_millis(config.retry_max_backoff_ms),
+            },
+            skip_unchanged: {
+                use crate::config::{SkipMode, SkipUnchanged as Setting};
+                let entries =
+                    usize::try_from(config.skip_unchanged_cache_entries).unwrap_or(usize::MAX);
+                match &config.skip_unchanged {
+                    Setting::Mode(SkipMode::Off) => None,
+                    Setting::Mode(SkipMode::All) => Some((SkipTypes::All, entries)),
+                    Setting::Types(types) => Some((SkipTypes::Only(types.clone()), entries)),
+                }
             },
         }
     }
@@ -120,6 +132,10 @@ impl Pipeline {
             spool.keep_parsed(memory / 4);
         }
         let metrics = Arc::new(metrics);
+        let skip = options
+            .skip_unchanged
+            .clone()
+            .map(|(types, entries)| Arc::new(SkipUnchanged::new(types, entries, Arc::clone(&metrics))));
         let (closing, closing_rx) = watch::channel(false);
         let (give_up, give_up_rx) = watch::channel(false);
         let dropped_rows = Arc::new(AtomicU64::new(0));
@@ -154,7 +170,8 @@ impl Pipeline {
                         closing_rx.clone(),
                     )));
                 }
-                let intake = Intake::spool(spool.appender(), Arc::clone(&metrics), budget);
+                let intake =
+                    Intake::spool(spool.appender(), Arc::clone(&metrics), budget, skip);
                 (intake, None)
             }
             None => {
@@ -172,6 +189,7 @@ impl Pipeline {
                     budget,
                     senders,
                     closing_rx,
+                    skip,
                 );
                 tasks.push(batcher);
                 tasks.extend(worker_tasks);

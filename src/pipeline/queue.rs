@@ -12,6 +12,7 @@ use kohaku_sink::{Report, StatsBatch};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::task::JoinHandle;
 
+use super::unchanged::{Kept, SkipUnchanged};
 use crate::budget::{report_bytes, Held, MemoryBudget};
 use crate::metrics::Metrics;
 use crate::sora::Protocol;
@@ -36,6 +37,8 @@ pub(super) struct Queued {
 /// The in-memory queue's intake: the handlers' and the importer's side. Cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
+    /// `[pipeline] skip_unchanged`, when on.
+    skip: Option<Arc<SkipUnchanged>>,
     permits: Arc<Semaphore>,
     capacity: u32,
     sender: mpsc::UnboundedSender<Queued>,
@@ -48,17 +51,27 @@ impl Queue {
     /// `Ok` means it is in the pipeline: answer 204.
     pub fn submit(
         &self,
-        report: Report,
+        mut report: Report,
         protocol: Protocol,
         memory: Held,
     ) -> Result<(), SubmitError> {
+        let received = report.row_count();
+        let kept = self.skip.as_ref().map(|skip| skip.filter(&mut report));
         let wanted = self.permits_for(&report)?;
         let permit = match Arc::clone(&self.permits).try_acquire_many_owned(wanted) {
             Ok(permit) => permit,
             Err(TryAcquireError::NoPermits) => return Err(SubmitError::QueueFull),
             Err(TryAcquireError::Closed) => return Err(SubmitError::Closed),
         };
-        self.enqueue(report, permit, protocol, memory)
+        self.enqueue(report, permit, protocol, memory, received)?;
+        self.remember(kept);
+        Ok(())
+    }
+
+    fn remember(&self, kept: Option<Kept>) {
+        if let (Some(skip), Some(kept)) = (&self.skip, kept) {
+            skip.remember(kept);
+        }
     }
 
     /// The memory budget requests and the queue share.
@@ -68,14 +81,18 @@ impl Queue {
 
     /// Queues the report, waiting while the queue is full. For callers that can wait (the
     /// importer), so that reading never outruns the sinks and memory stays bounded.
-    pub async fn submit_waiting(&self, report: Report) -> Result<(), SubmitError> {
+    pub async fn submit_waiting(&self, mut report: Report) -> Result<(), SubmitError> {
+        let received = report.row_count();
+        let kept = self.skip.as_ref().map(|skip| skip.filter(&mut report));
         let wanted = self.permits_for(&report)?;
         let permit = Arc::clone(&self.permits)
             .acquire_many_owned(wanted)
             .await
             .map_err(|_| SubmitError::Closed)?;
         let memory = self.budget.take_waiting(report_bytes(&report)).await;
-        self.enqueue(report, permit, Protocol::Import, memory)
+        self.enqueue(report, permit, Protocol::Import, memory, received)?;
+        self.remember(kept);
+        Ok(())
     }
 
     fn permits_for(&self, report: &Report) -> Result<u32, SubmitError> {
@@ -97,8 +114,8 @@ impl Queue {
         permit: OwnedSemaphorePermit,
         protocol: Protocol,
         memory: Held,
+        received: usize,
     ) -> Result<(), SubmitError> {
-        let rows = report.row_count();
         self.sender
             .send(Queued {
                 report: Arc::new(report),
@@ -106,7 +123,7 @@ impl Queue {
                 memory,
             })
             .map_err(|_| SubmitError::Closed)?;
-        self.metrics.count_accepted(rows, protocol);
+        self.metrics.count_accepted(received, protocol);
         self.metrics
             .queue_rows
             .set(queued_rows(&self.permits, self.capacity));
@@ -134,6 +151,7 @@ pub(super) fn start(
     budget: MemoryBudget,
     sinks: Vec<mpsc::UnboundedSender<Arc<InFlight>>>,
     closing: watch::Receiver<bool>,
+    skip: Option<Arc<SkipUnchanged>>,
 ) -> (Queue, JoinHandle<()>) {
     let permits = Arc::new(Semaphore::new(capacity as usize));
     metrics.queue_capacity_rows.set(i64::from(capacity));
@@ -148,6 +166,7 @@ pub(super) fn start(
     };
     let batcher = tokio::spawn(batcher.run(receiver, closing));
     let queue = Queue {
+        skip,
         permits,
         capacity,
         sender,
