@@ -132,10 +132,9 @@ impl Pipeline {
             spool.keep_parsed(memory / 4);
         }
         let metrics = Arc::new(metrics);
-        let skip = options
-            .skip_unchanged
-            .clone()
-            .map(|(types, entries)| Arc::new(SkipUnchanged::new(types, entries, Arc::clone(&metrics))));
+        let skip = options.skip_unchanged.clone().map(|(types, entries)| {
+            Arc::new(SkipUnchanged::new(types, entries, Arc::clone(&metrics)))
+        });
         let (closing, closing_rx) = watch::channel(false);
         let (give_up, give_up_rx) = watch::channel(false);
         let dropped_rows = Arc::new(AtomicU64::new(0));
@@ -170,8 +169,7 @@ impl Pipeline {
                         closing_rx.clone(),
                     )));
                 }
-                let intake =
-                    Intake::spool(spool.appender(), Arc::clone(&metrics), budget, skip);
+                let intake = Intake::spool(spool.appender(), Arc::clone(&metrics), budget, skip);
                 (intake, None)
             }
             None => {

@@ -1,0 +1,158 @@
+//! `[pipeline] skip_unchanged` end to end: the real Chromium and Sora captures sent as Sora's
+//! webhooks, and what SQLite stored compared with an independent computation of which objects
+//! changed.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+
+use common::*;
+use http::StatusCode;
+use kohaku::config::{SinksConfig, SkipMode, SkipUnchanged, SqliteSinkConfig};
+use serde_json::Value;
+
+type Key = (String, String, u64);
+
+fn config(db: &std::path::Path, skip: SkipUnchanged) -> kohaku::config::Config {
+    let mut config = test_config();
+    config.pipeline.skip_unchanged = skip;
+    config.sinks = Some(SinksConfig {
+        sqlite: Some(SqliteSinkConfig {
+            path: db.to_path_buf(),
+            ..SqliteSinkConfig::default()
+        }),
+        ..SinksConfig::default()
+    });
+    config
+}
+
+/// The objects a user would expect stored: per `(connection, id)`, the first, and every one whose
+/// members other than `timestamp` differ from the previous one stored. Computed on parsed JSON,
+/// not on text, so it does not share Kohaku's method. Also how many were later repeats (a
+/// capture can hold the very same object twice, which the store deduplicates instead).
+fn expected_changes(reports: &[FixtureReport], types: Option<&[&str]>) -> (BTreeSet<Key>, usize) {
+    let mut last: HashMap<(String, String), (Value, f64)> = HashMap::new();
+    let mut kept = BTreeSet::new();
+    let mut repeats = 0;
+    for report in reports {
+        for object in &report.objects {
+            let mut content: Value = serde_json::from_str(&object.text).unwrap();
+            content.as_object_mut().unwrap().remove("timestamp");
+            let key = (report.connection_id.clone(), object.rtc_id.clone());
+            let covered = types.is_none_or(|types| types.contains(&object.rtc_type.as_str()));
+            match last.get(&key) {
+                Some((previous, at)) if covered && *previous == content => {
+                    if object.rtc_timestamp > *at {
+                        repeats += 1;
+                    }
+                }
+                _ => {
+                    kept.insert((
+                        report.connection_id.clone(),
+                        object.rtc_id.clone(),
+                        object.rtc_timestamp.to_bits(),
+                    ));
+                    last.insert(key, (content, object.rtc_timestamp));
+                }
+            }
+        }
+    }
+    (kept, repeats)
+}
+
+async fn send_all(reports: &[FixtureReport], skip: SkipUnchanged) -> (BTreeSet<Key>, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("stats.db");
+    let config = config(&db, skip);
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    for report in reports {
+        let answer = client.post_webhook(WEBHOOK_PATH, report.body.clone()).await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+    }
+    let exporter = H2::connect(app.exporter_addr()).await;
+    let received: usize = reports.iter().map(|r| r.objects.len()).sum();
+    let metrics = exporter.get("/metrics").await.text();
+    let unchanged: f64 = metrics
+        .lines()
+        .filter(|line| line.starts_with("kohaku_stats_objects_unchanged_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // Every object accepted is handled once the sink's written and duplicate rows add up to it.
+    let accepted = received as f64 - unchanged;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = exporter.get("/metrics").await.text();
+        let handled = ["written", "duplicate"]
+            .iter()
+            .filter_map(|what| {
+                metric(
+                    &text,
+                    &format!("kohaku_sink_rows_{what}_total{{sink=\"sqlite\"}}"),
+                )
+            })
+            .sum::<f64>();
+        if handled >= accepted || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.shutdown().await;
+    let stored = sqlite_rows(&db).iter().map(StoredRow::key).collect();
+    (stored, unchanged)
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn fixtures() -> Vec<FixtureReport> {
+    let mut reports = fixture_webhooks("chromium/rtc_stats.chromium-av.jsonl");
+    reports.extend(fixture_webhooks("sora-logs/rtc_stats.sample.jsonl"));
+    reports
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_types_store_exactly_the_objects_that_changed() {
+    let reports = fixtures();
+    let (expected, repeats) = expected_changes(&reports, None);
+    let received: usize = reports.iter().map(|r| r.objects.len()).sum();
+    assert!(
+        repeats > received / 5,
+        "the captures repeat objects: {repeats} of {received}"
+    );
+    let (stored, unchanged) = send_all(&reports, SkipUnchanged::Mode(SkipMode::All)).await;
+    assert_eq!(stored, expected);
+    assert_eq!(unchanged as usize, repeats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_types_checks_only_those() {
+    let reports = fixtures();
+    let types = ["certificate", "codec"];
+    let (expected, _) = expected_changes(&reports, Some(&types));
+    let (stored, _) = send_all(
+        &reports,
+        SkipUnchanged::Types(types.iter().map(|t| t.to_string()).collect()),
+    )
+    .await;
+    assert_eq!(stored, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_stores_every_object() {
+    let reports = fixtures();
+    let every: BTreeSet<Key> = reports
+        .iter()
+        .flat_map(|report| {
+            report.objects.iter().map(|object| {
+                (
+                    report.connection_id.clone(),
+                    object.rtc_id.clone(),
+                    object.rtc_timestamp.to_bits(),
+                )
+            })
+        })
+        .collect();
+    let (stored, unchanged) = send_all(&reports, SkipUnchanged::Mode(SkipMode::Off)).await;
+    assert_eq!(stored, every);
+    assert_eq!(unchanged, 0.0);
+}
