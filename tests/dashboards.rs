@@ -398,14 +398,24 @@ struct Databases {
 }
 
 impl Databases {
-    async fn filled(extra_lines: Option<&str>) -> Self {
+    /// The fixtures (or `extra_lines`) imported into every backend of this build, with
+    /// `[pipeline] skip_unchanged = "all"` when `skip_unchanged`.
+    async fn filled(extra_lines: Option<&str>, skip_unchanged: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = dir.path().join("kohaku.db");
         #[allow(unused_mut)]
         let mut config = format!("[sinks.sqlite]\npath = \"{}\"\n", sqlite.display());
+        if skip_unchanged {
+            config.push_str("[pipeline]\nskip_unchanged = \"all\"\n");
+        }
         #[cfg(all(feature = "timescaledb", feature = "testkit"))]
         let postgres = {
-            let url = kohaku_timescaledb::testkit::fresh_database("dashboards").await;
+            let url = kohaku_timescaledb::testkit::fresh_database(if skip_unchanged {
+                "dashboards_skip"
+            } else {
+                "dashboards"
+            })
+            .await;
             config.push_str(&format!(
                 "\n[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"
             ));
@@ -581,55 +591,60 @@ async fn run_all(
     had_data
 }
 
+/// The ranges an operator would pick: all the data (overview), then each connection's own
+/// lifetime with that connection selected (connection dashboard).
+async fn standard_renders(databases: &Databases) -> Vec<(String, Render)> {
+    let bounds = databases
+        .query(
+            "sqlite",
+            "SELECT min(rtc_timestamp) AS low, max(rtc_timestamp) AS high FROM rtc_stats",
+        )
+        .await
+        .unwrap();
+    let low = bounds[0]["low"].as_f64().unwrap();
+    let high = bounds[0]["high"].as_f64().unwrap();
+    let channels: Vec<String> = databases
+        .query("sqlite", "SELECT DISTINCT channel_id FROM sora_connection")
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row["channel_id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut overview = Render::new(low - 60_000.0, high + 60_000.0);
+    overview
+        .variables
+        .insert("channel_id".into(), channels.clone());
+    let mut renders = vec![("overview".to_owned(), overview)];
+    let connections = databases
+        .query(
+            "sqlite",
+            "SELECT channel_id, connection_id, min(rtc_timestamp) AS low, max(rtc_timestamp) AS high \
+             FROM rtc_stats GROUP BY channel_id, connection_id",
+        )
+        .await
+        .unwrap();
+    assert_eq!(connections.len(), 5, "3 Sora + 2 Chromium connections");
+    for connection in &connections {
+        let mut render = Render::new(
+            connection["low"].as_f64().unwrap() - 60_000.0,
+            connection["high"].as_f64().unwrap() + 60_000.0,
+        );
+        for name in ["channel_id", "connection_id"] {
+            render.variables.insert(
+                name.into(),
+                vec![connection[name].as_str().unwrap().to_owned()],
+            );
+        }
+        renders.push(("connection".to_owned(), render));
+    }
+    renders
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_runs_and_returns_plausible_data() {
-    let databases = Databases::filled(None).await;
+    let databases = Databases::filled(None, false).await;
     for backend in databases.backends() {
-        // The range an operator would pick: all the data (overview), then each connection's own
-        // lifetime with that connection selected (connection dashboard).
-        let bounds = databases
-            .query(
-                "sqlite",
-                "SELECT min(rtc_timestamp) AS low, max(rtc_timestamp) AS high FROM rtc_stats",
-            )
-            .await
-            .unwrap();
-        let low = bounds[0]["low"].as_f64().unwrap();
-        let high = bounds[0]["high"].as_f64().unwrap();
-        let channels: Vec<String> = databases
-            .query("sqlite", "SELECT DISTINCT channel_id FROM sora_connection")
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row["channel_id"].as_str().unwrap().to_owned())
-            .collect();
-        let mut overview = Render::new(low - 60_000.0, high + 60_000.0);
-        overview
-            .variables
-            .insert("channel_id".into(), channels.clone());
-        let mut renders = vec![("overview".to_owned(), overview)];
-        let connections = databases
-            .query(
-                "sqlite",
-                "SELECT channel_id, connection_id, min(rtc_timestamp) AS low, max(rtc_timestamp) AS high \
-                 FROM rtc_stats GROUP BY channel_id, connection_id",
-            )
-            .await
-            .unwrap();
-        assert_eq!(connections.len(), 5, "3 Sora + 2 Chromium connections");
-        for connection in &connections {
-            let mut render = Render::new(
-                connection["low"].as_f64().unwrap() - 60_000.0,
-                connection["high"].as_f64().unwrap() + 60_000.0,
-            );
-            for name in ["channel_id", "connection_id"] {
-                render.variables.insert(
-                    name.into(),
-                    vec![connection[name].as_str().unwrap().to_owned()],
-                );
-            }
-            renders.push(("connection".to_owned(), render));
-        }
+        let renders = standard_renders(&databases).await;
 
         assert!(
             !provisioned_timescaledb_flag(),
@@ -730,7 +745,7 @@ async fn rates_follow_counter_deltas_across_gaps_resets_and_disorder() {
             inbound_line(start + s.offset_ms, s.bytes, s.packets, s.lost) + "\n"
         })
         .collect();
-    let databases = Databases::filled(Some(&lines)).await;
+    let databases = Databases::filled(Some(&lines), false).await;
     for backend in databases.backends() {
         let time = if backend == "sqlite" {
             "rtc_timestamp"
@@ -770,4 +785,71 @@ async fn rates_follow_counter_deltas_across_gaps_resets_and_disorder() {
             close("jitter_buffer_delay_ms", sample.bitrate_bps.map(|_| 50.0));
         }
     }
+}
+
+/// With `skip_unchanged = "all"` the same fixtures store fewer rows, and the panels stay right:
+/// the codec, transport and candidate tables show the same values (their objects never change, so
+/// most of their rows are gone), and a rate sample after skipped ones is the average over the gap,
+/// never NULL where the full data has a value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panels_stay_right_when_unchanged_objects_are_skipped() {
+    let every = Databases::filled(None, false).await;
+    let skipped = Databases::filled(None, true).await;
+    let count = "SELECT count(*) AS rows FROM rtc_stats";
+    let rows = |answer: Vec<Value>| answer[0]["rows"].as_i64().unwrap();
+    let (all_rows, fewer_rows) = (
+        rows(every.query("sqlite", count).await.unwrap()),
+        rows(skipped.query("sqlite", count).await.unwrap()),
+    );
+    assert!(
+        fewer_rows * 10 < all_rows * 9,
+        "{fewer_rows} of {all_rows} rows stored"
+    );
+    let renders = standard_renders(&every).await;
+    let mut compared = 0;
+    for backend in every.backends() {
+        for dashboard in dashboards().iter().filter(|d| d.backend == backend) {
+            for (scope, render) in &renders {
+                if !dashboard.uid().contains(scope.as_str()) {
+                    continue;
+                }
+                for (title, sql) in dashboard.queries() {
+                    let rendered = render.render(backend, &sql);
+                    let full = every.query(backend, &rendered).await.unwrap();
+                    let kept = skipped.query(backend, &rendered).await.unwrap();
+                    let place = format!("{backend} {}: {title}", dashboard.uid());
+                    if ["rtc_codec", "rtc_transport", "rtc_ice_candidate"]
+                        .iter()
+                        .any(|view| sql.contains(&format!("FROM {view} ")))
+                    {
+                        assert_eq!(kept, full, "{place}");
+                        compared += 1;
+                    } else if sql.contains("_rates")
+                        && full.iter().all(|row| row.get("time").is_some())
+                    {
+                        let key = |row: &Value| format!("{} {}", row["time"], row["metric"]);
+                        let full: HashMap<String, &Value> =
+                            full.iter().map(|row| (key(row), row)).collect();
+                        for row in &kept {
+                            let in_full = full.get(&key(row)).unwrap_or_else(|| {
+                                panic!(
+                                    "{place}: {} is not a sample time of the full data",
+                                    key(row)
+                                )
+                            });
+                            for (column, value) in row.as_object().unwrap() {
+                                assert!(
+                                    !value.is_null() || in_full[column].is_null(),
+                                    "{place}: {column} at {} is NULL after a gap",
+                                    key(row)
+                                );
+                            }
+                        }
+                        compared += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(compared > 10, "{compared} panels compared");
 }
