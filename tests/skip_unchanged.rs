@@ -179,3 +179,55 @@ fn import_stores_exactly_the_objects_that_changed() {
     let again = import_files(dir.path(), config, &files);
     assert_contains(&again, "sink sqlite: written 0,");
 }
+
+/// The cases a user would check by hand: a repeat is skipped; a member going to `null` is a
+/// change; a value that flips back to an earlier state is stored (legacy Kohaku lost those);
+/// a report older than what was accepted is stored and does not make a later repeat of the newer
+/// state look changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nulls_flip_backs_and_late_reports_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("stats.db");
+    let config = config(&db, SkipUnchanged::Mode(SkipMode::All));
+    let app = start(&config, build_sinks(&config).await).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let body = |objects: Vec<Value>| {
+        let mut body = small_webhook(1, 0);
+        body["stats"] = Value::from(objects);
+        body.to_string()
+    };
+    let x = |at: f64, a: Value| serde_json::json!({"id": "X", "type": "codec", "timestamp": at, "a": a});
+    let y = |at: f64, v: Value| serde_json::json!({"id": "Y", "type": "transport", "timestamp": at, "v": v});
+    let sends = [
+        vec![x(1000.0, 1.into()), y(1000.0, 1.into())],
+        vec![x(2000.0, 1.into()), y(2000.0, Value::Null)],
+        vec![x(3000.0, 2.into())],
+        vec![x(4000.0, 1.into())],
+        vec![x(6000.0, 3.into())],
+        vec![x(5000.0, 3.into())],
+        vec![x(7000.0, 3.into())],
+    ];
+    for objects in sends {
+        let answer = client.post_webhook(WEBHOOK_PATH, body(objects)).await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.text());
+    }
+    wait_for_sqlite_rows(&db, 7, WAIT).await;
+    app.shutdown().await;
+    let stored: BTreeSet<(String, u64)> = sqlite_rows(&db)
+        .iter()
+        .map(|row| (row.rtc_id.clone(), row.rtc_timestamp as u64))
+        .collect();
+    let expected: BTreeSet<(String, u64)> = [
+        ("X", 1000),
+        ("X", 3000),
+        ("X", 4000),
+        ("X", 5000),
+        ("X", 6000),
+        ("Y", 1000),
+        ("Y", 2000),
+    ]
+    .into_iter()
+    .map(|(id, at)| (id.to_owned(), at))
+    .collect();
+    assert_eq!(stored, expected);
+}
