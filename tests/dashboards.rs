@@ -399,23 +399,18 @@ struct Databases {
 
 impl Databases {
     /// The fixtures (or `extra_lines`) imported into every backend of this build, with
-    /// `[pipeline] skip_unchanged = "all"` when `skip_unchanged`.
-    async fn filled(extra_lines: Option<&str>, skip_unchanged: bool) -> Self {
+    /// `[pipeline] skip_unchanged` set to `skip_unchanged` (TOML) when given, else its default.
+    async fn filled(extra_lines: Option<&str>, skip_unchanged: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sqlite = dir.path().join("kohaku.db");
         #[allow(unused_mut)]
         let mut config = format!("[sinks.sqlite]\npath = \"{}\"\n", sqlite.display());
-        if skip_unchanged {
-            config.push_str("[pipeline]\nskip_unchanged = \"all\"\n");
+        if let Some(skip) = skip_unchanged {
+            config.push_str(&format!("[pipeline]\nskip_unchanged = {skip}\n"));
         }
         #[cfg(all(feature = "timescaledb", feature = "testkit"))]
         let postgres = {
-            let url = kohaku_timescaledb::testkit::fresh_database(if skip_unchanged {
-                "dashboards_skip"
-            } else {
-                "dashboards"
-            })
-            .await;
+            let url = kohaku_timescaledb::testkit::fresh_database("dashboards").await;
             config.push_str(&format!(
                 "\n[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"
             ));
@@ -642,7 +637,7 @@ async fn standard_renders(databases: &Databases) -> Vec<(String, Render)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_query_runs_and_returns_plausible_data() {
-    let databases = Databases::filled(None, false).await;
+    let databases = Databases::filled(None, None).await;
     for backend in databases.backends() {
         let renders = standard_renders(&databases).await;
 
@@ -745,7 +740,7 @@ async fn rates_follow_counter_deltas_across_gaps_resets_and_disorder() {
             inbound_line(start + s.offset_ms, s.bytes, s.packets, s.lost) + "\n"
         })
         .collect();
-    let databases = Databases::filled(Some(&lines), false).await;
+    let databases = Databases::filled(Some(&lines), None).await;
     for backend in databases.backends() {
         let time = if backend == "sqlite" {
             "rtc_timestamp"
@@ -793,8 +788,8 @@ async fn rates_follow_counter_deltas_across_gaps_resets_and_disorder() {
 /// never NULL where the full data has a value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panels_stay_right_when_unchanged_objects_are_skipped() {
-    let every = Databases::filled(None, false).await;
-    let skipped = Databases::filled(None, true).await;
+    let every = Databases::filled(None, Some("\"off\"")).await;
+    let skipped = Databases::filled(None, Some("\"all\"")).await;
     let count = "SELECT count(*) AS rows FROM rtc_stats";
     let rows = |answer: Vec<Value>| answer[0]["rows"].as_i64().unwrap();
     let (all_rows, fewer_rows) = (
