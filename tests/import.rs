@@ -52,7 +52,9 @@ struct Setup {
 
 impl Setup {
     fn sqlite() -> Self {
-        Self::with_config("[sinks.sqlite]\npath = \"imported.db\"\n")
+        Self::with_config(&format!(
+            "{STORE_EVERY_OBJECT}[sinks.sqlite]\npath = \"imported.db\"\n"
+        ))
     }
 
     fn with_config(toml: &str) -> Self {
@@ -354,7 +356,7 @@ async fn imports_the_fixture_logs_into_postgresql_once() {
 
     let url = testkit::fresh_database("import").await;
     let setup = Setup::with_config(&format!(
-        "[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"
+        "{STORE_EVERY_OBJECT}[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"
     ));
     let files = [
         fixture(SORA_LOG),

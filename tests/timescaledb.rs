@@ -212,7 +212,7 @@ async fn webhooks_reach_postgres_with_their_group_and_a_later_import_adds_nothin
     let dir = tempfile::tempdir().unwrap();
     let stdout = import_files(
         dir.path(),
-        &format!("[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"),
+        &format!("{STORE_EVERY_OBJECT}[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n"),
         &files.map(fixture_path),
     );
     assert_contains(&stdout, "sink timescaledb: written 0,");

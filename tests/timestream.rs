@@ -22,6 +22,7 @@ fn config_text(endpoint: &str, database: &str, extra: &str) -> String {
         "[server]\nlisten_addr = \"127.0.0.1\"\nlisten_port = 0\n\
          [exporter]\nlisten_port = 0\n\
          [pipeline]\nbatch_max_wait_ms = 20\nretry_initial_backoff_ms = 10\nretry_max_backoff_ms = 200\n\
+         skip_unchanged = \"off\"\n\
          [sinks.timestream]\nregion = \"{region}\"\ndatabase = \"{database}\"\nendpoint_url = \"{endpoint}\"\n\
          create_if_missing = true\nrequest_timeout_secs = 2\n{extra}",
         region = testkit::REGION,

@@ -152,7 +152,10 @@ async fn webhooks_over_http1_and_http2_store_what_sora_sent_and_a_later_import_a
     // The same stats later imported from Sora's rtc_stats.jsonl: every object is already stored.
     let stdout = import_files(
         dir.path(),
-        &format!("[sinks.sqlite]\npath = {:?}\n", db.display().to_string()),
+        &format!(
+            "{STORE_EVERY_OBJECT}[sinks.sqlite]\npath = {:?}\n",
+            db.display().to_string()
+        ),
         &[fixture_path(SORA_LOG), fixture_path(CHROMIUM_LOG)],
     );
     assert_contains(&stdout, "sink sqlite: written 0,");

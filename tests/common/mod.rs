@@ -276,8 +276,16 @@ pub fn test_config() -> Config {
     config.pipeline.shutdown_timeout_secs = 10;
     config.pipeline.retry_initial_backoff_ms = 10;
     config.pipeline.retry_max_backoff_ms = 100;
+    // These tests check that every object sent is stored; tests/skip_unchanged.rs covers the
+    // stage that skips repeats.
+    config.pipeline.skip_unchanged =
+        kohaku::config::SkipUnchanged::Mode(kohaku::config::SkipMode::Off);
     config
 }
+
+/// The same for a `kohaku.toml` of a test that runs the binary: a `[pipeline]` table that stores
+/// every object, to start a config with.
+pub const STORE_EVERY_OBJECT: &str = "[pipeline]\nskip_unchanged = \"off\"\n";
 
 pub async fn start(config: &Config, sinks: Vec<Arc<dyn StatsSink>>) -> App {
     App::start(config, sinks).await.expect("kohaku starts")
