@@ -62,6 +62,56 @@ const SORA_TIMESTAMP: &str = "2025-07-25T06:06:51.592776Z";
 
 /// Reports shaped like the Chromium fixture (its first 30 objects), each with its own connection
 /// and its own timestamps, so no row repeats another.
+/// Reports of `connections` connections, `per_connection` each a second apart, as a call sends
+/// them: the objects of the types that describe a connection (certificate, codec, candidates,
+/// peer-connection) repeat unchanged, every other object changes each time.
+fn generate_calls(connections: usize, per_connection: usize) -> Vec<Generated> {
+    let describing = [
+        "certificate",
+        "codec",
+        "local-candidate",
+        "remote-candidate",
+        "peer-connection",
+    ];
+    let mut generated = generate(connections);
+    let templates: Vec<Vec<Value>> = generated
+        .iter()
+        .map(|g| {
+            let body: Value = serde_json::from_slice(&g.body).expect("generated body");
+            body["stats"].as_array().cloned().unwrap_or_default()
+        })
+        .collect();
+    let received_at = kohaku_sink::OffsetDateTime::now_utc();
+    let mut calls = Vec::with_capacity(connections * per_connection);
+    for round in 0..per_connection {
+        for (connection, generated) in generated.iter_mut().enumerate() {
+            let mut body: Value = serde_json::from_slice(&generated.body).expect("generated body");
+            let stats: Vec<Value> = templates[connection]
+                .iter()
+                .map(|object| {
+                    let mut object = object.clone();
+                    let at = object["timestamp"].as_f64().unwrap_or(0.0) + round as f64 * 1_000.0;
+                    object["timestamp"] = Value::from(at);
+                    let kind = object["type"].as_str().unwrap_or_default();
+                    if !describing.contains(&kind) {
+                        object["kohakuBenchCounter"] = Value::from(round);
+                    }
+                    object
+                })
+                .collect();
+            body["stats"] = Value::from(stats);
+            let body = body.to_string();
+            let report = kohaku::sora::parse_report(body.as_bytes(), received_at)
+                .expect("generated bodies are valid reports");
+            calls.push(Generated {
+                body: Bytes::from(body),
+                report,
+            });
+        }
+    }
+    calls
+}
+
 fn generate(count: usize) -> Vec<Generated> {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/chromium/rtc_stats.chromium-av.jsonl");
@@ -259,6 +309,14 @@ async fn metric(exporter: SocketAddr, series: &str) -> Result<f64, AnyError> {
         .body(Full::new(Bytes::new()))?;
     let response = sender.send_request(request).await?;
     let text = String::from_utf8(response.into_body().collect().await?.to_bytes().to_vec())?;
+    // A series ending in `{` is every labelled series of that name, summed.
+    if series.ends_with('{') {
+        return Ok(text
+            .lines()
+            .filter(|line| line.starts_with(series))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum());
+    }
     Ok(support::metric(&text, series).unwrap_or(0.0))
 }
 
@@ -287,6 +345,15 @@ fn serve(settings: &Settings, name: &str, sinks: &str, spool: bool) -> Result<Se
     )?)
 }
 
+/// The bytes a SQLite database takes once its write-ahead log is folded in.
+fn sqlite_bytes(path: &Path) -> Result<f64, AnyError> {
+    let connection = rusqlite::Connection::open(path)?;
+    connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+    let pages: i64 = connection.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+    let size: i64 = connection.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    Ok((pages * size) as f64)
+}
+
 /// Lets the disk and PostgreSQL finish what an earlier row left behind (dirty pages, a pending
 /// checkpoint), so that each end-to-end row starts from the same quiet state rather than paying
 /// for the one before it.
@@ -308,7 +375,9 @@ async fn end_to_end(served: &Served, reports: &[Generated], sink: &str) -> Resul
     send_all(served.ingest, bodies, 4, 16, load.clone()).await?;
     let deadline = start + Duration::from_secs(300);
     loop {
-        let written = metric(served.exporter, &series).await?;
+        // Done once every object is stored or was skipped as unchanged.
+        let written = metric(served.exporter, &series).await?
+            + metric(served.exporter, "kohaku_stats_objects_unchanged_total{").await?;
         if written >= objects {
             break;
         }
@@ -699,7 +768,7 @@ async fn main() -> Result<(), AnyError> {
         // lasts about a second, which the machine's noise (another process waking, a CPU's turbo)
         // swings by a third either way: each pair is warmed up, then run INGEST_ROUNDS times with
         // Kohaku and the baseline alternating, and the median of each is reported.
-        eprintln!("bench: 1/5 HTTP/2 exporter and HTTP/1.1 webhook ingest (h2load)");
+        eprintln!("bench: 1/6 HTTP/2 exporter and HTTP/1.1 webhook ingest (h2load)");
         let bare_h2_addr = bare_server(Sender::ExporterH2).await?;
         let bare_h1_addr = bare_server(Sender::WebhookH1).await?;
         let webhook_body = webhook_body(&generated[0].body)?;
@@ -819,7 +888,7 @@ async fn main() -> Result<(), AnyError> {
     }
 
     // 2. End to end into SQLite, against rusqlite inserting the same rows.
-    eprintln!("bench: 2/5 SQLite");
+    eprintln!("bench: 2/6 SQLite");
     let sqlite_ceiling = sqlite_ceiling(&settings, &generated)?;
 
     let mut sqlite = 0.0;
@@ -840,7 +909,7 @@ async fn main() -> Result<(), AnyError> {
     // 3. End to end into PostgreSQL, against psql \copy of the same rows.
     let postgres = match &settings.pg_url {
         Some(admin) => {
-            eprintln!("bench: 3/5 PostgreSQL");
+            eprintln!("bench: 3/6 PostgreSQL");
             let ceiling = postgres_ceiling(&settings, admin, &generated)?;
             if only.is_none() {
                 let url = pg_database(&settings, admin, "bench_kohaku")?;
@@ -860,7 +929,7 @@ async fn main() -> Result<(), AnyError> {
             Some((admin.clone(), ceiling))
         }
         None => {
-            eprintln!("bench: 3/5 skipped: KOHAKU_BENCH_PG_URL is not set");
+            eprintln!("bench: 3/6 skipped: KOHAKU_BENCH_PG_URL is not set");
             None
         }
     };
@@ -869,7 +938,7 @@ async fn main() -> Result<(), AnyError> {
         // 4. Overload: twice the sustainable SQLite rate. The end-to-end figure includes start-up
         // and the final wait, so it understates what the sink sustains; while no 503 comes back the
         // offered rate doubles (at most three times), so that the queue really fills.
-        eprintln!("bench: 4/5 overload");
+        eprintln!("bench: 4/6 overload");
         let served = serve(&settings, "overload", &sqlite_sink("overload"), false)?;
         let bodies: Arc<Vec<Bytes>> = Arc::new(generated.iter().map(|r| r.body.clone()).collect());
         let mut rate = 2.0 * sqlite / OBJECTS_PER_REPORT as f64;
@@ -911,7 +980,7 @@ async fn main() -> Result<(), AnyError> {
     }
 
     // 5. The same end-to-end runs with the durable spool.
-    eprintln!("bench: 5/5 with the spool");
+    eprintln!("bench: 5/6 with the spool");
     settle(&settings)?;
     let served = serve(&settings, "spool-sqlite", &sqlite_sink("stats"), true)?;
     let spooled = end_to_end(&served, &generated, "sqlite").await?;
@@ -937,6 +1006,81 @@ async fn main() -> Result<(), AnyError> {
             "objects/s",
             0.5,
         ));
+    }
+
+    // 6. skip_unchanged: the same calls stored with the stage off and with its default.
+    if only.is_some() {
+        print(&lines);
+        return Ok(());
+    }
+    eprintln!("bench: 6/6 skip_unchanged off and on (default)");
+    let calls = generate_calls(100, settings.reports / 100);
+    let mut measured = Vec::new();
+    for (name, setting) in [
+        ("off", "[pipeline]\nskip_unchanged = \"off\"\n"),
+        ("on", ""),
+    ] {
+        settle(&settings)?;
+        let sink = format!("{setting}[sinks.sqlite]\npath = \"calls-{name}.db\"\n");
+        let served = serve(&settings, &format!("calls-sqlite-{name}"), &sink, false)?;
+        let rate = end_to_end(&served, &calls, "sqlite").await?;
+        drop(served);
+        let db = settings
+            .work
+            .path()
+            .join(format!("calls-sqlite-{name}"))
+            .join(format!("calls-{name}.db"));
+        let bytes = sqlite_bytes(&db)?;
+        let mut postgres = None;
+        if let Some(admin) = &settings.pg_url {
+            let url = pg_database(&settings, admin, &format!("bench_calls_{name}"))?;
+            let sink =
+                format!("{setting}[sinks.timescaledb]\nuri = \"{url}\"\nretention_days = 0\n");
+            settle(&settings)?;
+            let served = serve(&settings, &format!("calls-postgres-{name}"), &sink, false)?;
+            let pg_rate = end_to_end(&served, &calls, "timescaledb").await?;
+            drop(served);
+            let pg_bytes: f64 = psql(
+                &url,
+                "SELECT pg_total_relation_size('rtc_stats') + pg_total_relation_size('sora_connection')",
+            )?
+            .trim()
+            .parse()?;
+            postgres = Some((pg_rate, pg_bytes));
+        }
+        measured.push((rate, bytes, postgres));
+    }
+    let reports = calls.len() as f64;
+    let (off, on) = (&measured[0], &measured[1]);
+    lines.push(ratio_line(
+        "skip_unchanged on vs off: SQLite (objects/s received)",
+        on.0,
+        off.0,
+        "objects/s",
+        1.0,
+    ));
+    lines.push(Line {
+        what: "  same, SQLite bytes per report stored".into(),
+        value: format!("{:.0} B", on.1 / reports),
+        baseline: format!("{:.0} B", off.1 / reports),
+        ratio: Some(on.1 / off.1),
+        target: "",
+    });
+    if let (Some((on_rate, on_bytes)), Some((off_rate, off_bytes))) = (on.2, off.2) {
+        lines.push(ratio_line(
+            "skip_unchanged on vs off: PostgreSQL (objects/s received)",
+            on_rate,
+            off_rate,
+            "objects/s",
+            1.0,
+        ));
+        lines.push(Line {
+            what: "  same, PostgreSQL bytes per report stored".into(),
+            value: format!("{:.0} B", on_bytes / reports),
+            baseline: format!("{:.0} B", off_bytes / reports),
+            ratio: Some(on_bytes / off_bytes),
+            target: "",
+        });
     }
 
     print(&lines);
