@@ -61,9 +61,23 @@ fn expected_changes(reports: &[FixtureReport], types: Option<&[&str]>) -> (BTree
 }
 
 async fn send_all(reports: &[FixtureReport], skip: SkipUnchanged) -> (BTreeSet<Key>, f64) {
+    send_all_with(reports, skip, false).await
+}
+
+async fn send_all_with(
+    reports: &[FixtureReport],
+    skip: SkipUnchanged,
+    spooled: bool,
+) -> (BTreeSet<Key>, f64) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("stats.db");
-    let config = config(&db, skip);
+    let mut config = config(&db, skip);
+    if spooled {
+        config.spool = Some(kohaku::config::SpoolConfig {
+            dir: dir.path().join("spool"),
+            ..kohaku::config::SpoolConfig::default()
+        });
+    }
     let app = start(&config, build_sinks(&config).await).await;
     let client = H2::connect(app.ingest_addr()).await;
     for report in reports {
@@ -120,6 +134,17 @@ async fn all_types_store_exactly_the_objects_that_changed() {
         "the captures repeat objects: {repeats} of {received}"
     );
     let (stored, unchanged) = send_all(&reports, SkipUnchanged::Mode(SkipMode::All)).await;
+    assert_eq!(stored, expected);
+    assert_eq!(unchanged as usize, repeats);
+}
+
+/// With the spool the decision is the same: it is taken before the report is spooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_stores_exactly_the_objects_that_changed() {
+    let reports = fixtures();
+    let (expected, repeats) = expected_changes(&reports, None);
+    let (stored, unchanged) =
+        send_all_with(&reports, SkipUnchanged::Mode(SkipMode::All), true).await;
     assert_eq!(stored, expected);
     assert_eq!(unchanged as usize, repeats);
 }
