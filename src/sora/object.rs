@@ -43,27 +43,48 @@ enum HeadError {
     Invalid(String),
 }
 
-/// Reads `id`, `type` and `timestamp` from the top level of a stats object and checks its nesting
-/// against `limit`, in one pass. `text` must be one JSON object that serde_json has already
-/// accepted (the body parse did), so the scanner only has to find the members' boundaries:
-/// strings are skipped with `memchr`, and only the three values Kohaku reads are decoded, by
-/// serde_json. Two passes (a nesting scan, then serde) cost twice this (`cargo bench --bench
-/// parse`).
-fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
-    let bytes = text.as_bytes();
-    let mut head = ObjectHead::default();
-    let mut seen = [false; 3];
-    let mut at = skip_whitespace(bytes, 1);
-    while at < bytes.len() && bytes[at] == b'"' {
+/// A stats object's top-level members, walked without decoding: each one's place among the three
+/// Kohaku reads ([`member_slot`]) and the span of its value. `text` must be one JSON object that
+/// serde_json has already accepted, so only the members' boundaries need finding: strings are
+/// skipped with `memchr`.
+struct Members<'a> {
+    text: &'a str,
+    at: usize,
+    /// How deep values may nest ([`value_end`]); deeper ends the walk with [`HeadError::TooDeep`].
+    limit: usize,
+    /// Some key or string walked so far holds a `\` escape.
+    escapes: bool,
+}
+
+impl<'a> Members<'a> {
+    fn new(text: &'a str, limit: usize) -> Self {
+        Self {
+            text,
+            at: skip_whitespace(text.as_bytes(), 1),
+            limit,
+            escapes: false,
+        }
+    }
+}
+
+impl Iterator for Members<'_> {
+    type Item = Result<(Option<usize>, std::ops::Range<usize>), HeadError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bytes = self.text.as_bytes();
+        if bytes.get(self.at) != Some(&b'"') {
+            return None;
+        }
         let mut key_escaped = false;
-        let key_end = string_end(bytes, at, &mut key_escaped);
-        head.escapes |= key_escaped;
-        let key = &text[at..key_end];
-        at = skip_whitespace(bytes, key_end);
-        // The ':'.
-        at = skip_whitespace(bytes, at + 1);
-        let value_end = value_end(bytes, at, limit, &mut head.escapes).ok_or(HeadError::TooDeep)?;
-        let value = &text[at..value_end];
+        let key_end = string_end(bytes, self.at, &mut key_escaped);
+        self.escapes |= key_escaped;
+        let key = &self.text[self.at..key_end];
+        // Past the ':'.
+        let start = skip_whitespace(bytes, skip_whitespace(bytes, key_end) + 1);
+        let Some(end) = value_end(bytes, start, self.limit, &mut self.escapes) else {
+            self.at = bytes.len();
+            return Some(Err(HeadError::TooDeep));
+        };
         let slot = if key_escaped {
             // A key spelled with escapes (`"\u0069d"`) is still `id`.
             serde_json::from_str::<String>(key)
@@ -74,57 +95,46 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
                 .and_then(|name| name.strip_suffix('"'))
                 .and_then(member_slot)
         };
-        if let Some(slot) = slot {
-            let name = ["id", "type", "timestamp"][slot];
-            if std::mem::replace(&mut seen[slot], true) {
-                return Err(HeadError::Invalid(format!("duplicate field `{name}`")));
-            }
-            let invalid = |err: serde_json::Error| HeadError::Invalid(format!("`{name}`: {err}"));
-            match slot {
-                0 => head.id = string_value(value).map_err(invalid)?,
-                1 => head.rtc_type = string_value(value).map_err(invalid)?,
-                _ => head.timestamp = number_value(value).map_err(invalid)?,
-            }
+        self.at = skip_whitespace(bytes, end);
+        if bytes.get(self.at) == Some(&b',') {
+            self.at = skip_whitespace(bytes, self.at + 1);
         }
-        at = skip_whitespace(bytes, value_end);
-        if bytes.get(at) == Some(&b',') {
-            at = skip_whitespace(bytes, at + 1);
+        Some(Ok((slot, start..end)))
+    }
+}
+
+/// Reads `id`, `type` and `timestamp` from the top level of a stats object and checks its nesting
+/// against `limit`, in one pass over [`Members`]: only the three values Kohaku reads are decoded.
+/// Two passes (a nesting scan, then serde) cost twice this (`cargo bench --bench parse`).
+fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
+    let mut head = ObjectHead::default();
+    let mut seen = [false; 3];
+    let mut members = Members::new(text, limit);
+    for member in &mut members {
+        let (slot, span) = member?;
+        let Some(slot) = slot else { continue };
+        let value = &text[span];
+        let name = ["id", "type", "timestamp"][slot];
+        if std::mem::replace(&mut seen[slot], true) {
+            return Err(HeadError::Invalid(format!("duplicate field `{name}`")));
+        }
+        let invalid = |err: serde_json::Error| HeadError::Invalid(format!("`{name}`: {err}"));
+        match slot {
+            0 => head.id = string_value(value).map_err(invalid)?,
+            1 => head.rtc_type = string_value(value).map_err(invalid)?,
+            _ => head.timestamp = number_value(value).map_err(invalid)?,
         }
     }
+    head.escapes = members.escapes;
     Ok(head)
 }
 
 /// Where the top-level `timestamp` member's value sits in a stats object's text (one Kohaku
 /// accepted, so valid JSON); `None` when it has none.
 pub fn timestamp_span(text: &str) -> Option<std::ops::Range<usize>> {
-    let bytes = text.as_bytes();
-    let mut escapes = false;
-    let mut at = skip_whitespace(bytes, 1);
-    while at < bytes.len() && bytes[at] == b'"' {
-        let mut key_escaped = false;
-        let key_end = string_end(bytes, at, &mut key_escaped);
-        let key = &text[at..key_end];
-        at = skip_whitespace(bytes, key_end);
-        at = skip_whitespace(bytes, at + 1);
-        let end = value_end(bytes, at, usize::MAX, &mut escapes)?;
-        let slot = if key_escaped {
-            serde_json::from_str::<String>(key)
-                .ok()
-                .and_then(|name| member_slot(&name))
-        } else {
-            key.strip_prefix('"')
-                .and_then(|name| name.strip_suffix('"'))
-                .and_then(member_slot)
-        };
-        if slot == Some(2) {
-            return Some(at..end);
-        }
-        at = skip_whitespace(bytes, end);
-        if bytes.get(at) == Some(&b',') {
-            at = skip_whitespace(bytes, at + 1);
-        }
-    }
-    None
+    Members::new(text, usize::MAX)
+        .map_while(Result::ok)
+        .find_map(|(slot, span)| (slot == Some(2)).then_some(span))
 }
 
 /// Which of the three members Kohaku reads `name` (unquoted, unescaped) is: 0 `id`, 1 `type`,
