@@ -296,12 +296,12 @@ impl Metrics {
         first
     }
 
-    /// One stats object of `rtc_type` not stored because it did not change.
-    pub fn count_unchanged(&self, rtc_type: &str) {
+    /// `count` stats objects of `rtc_type` not stored because they did not change.
+    pub fn count_unchanged(&self, rtc_type: &str, count: u64) {
         let (label, _) = capped_label(&self.unchanged_types, rtc_type);
         self.objects_unchanged
             .get_or_create(&TypeLabels { r#type: label })
-            .inc();
+            .inc_by(count);
     }
 
     pub fn sink(name: &str) -> SinkLabels {

@@ -83,24 +83,50 @@ impl SkipUnchanged {
     /// report answered 503 (and perhaps never sent again) must not make its objects look stored.
     pub fn filter(&self, report: &mut Report) -> Kept {
         let connection_id = report.connection.connection_id.as_str();
-        let cache = lock(&self.cache);
-        let mut kept = Vec::new();
+        // Hashed before the cache is locked, so that the lock is held for the lookups alone.
+        let entries: Vec<Option<Slot>> = report
+            .stats
+            .iter()
+            .map(|object| {
+                self.types.covers(&object.rtc_type).then(|| Slot {
+                    key: key_hash(connection_id, &object.rtc_id),
+                    timestamp: object.rtc_timestamp,
+                    content: content_hash(object.rtc_data.get()),
+                })
+            })
+            .collect();
+        let unchanged: Vec<bool> = {
+            let cache = lock(&self.cache);
+            entries
+                .iter()
+                .map(|entry| entry.as_ref().is_some_and(|entry| cache.unchanged(entry)))
+                .collect()
+        };
+        // Counted once per type and report, not once per object.
+        let mut skipped: Vec<(String, u64)> = Vec::new();
+        let mut index = 0;
         report.stats.retain(|object| {
-            if !self.types.covers(&object.rtc_type) {
-                return true;
+            let keep = !unchanged[index];
+            index += 1;
+            if !keep {
+                match skipped
+                    .iter_mut()
+                    .find(|(kind, _)| *kind == object.rtc_type)
+                {
+                    Some((_, count)) => *count += 1,
+                    None => skipped.push((object.rtc_type.clone(), 1)),
+                }
             }
-            let entry = Slot {
-                key: key_hash(connection_id, &object.rtc_id),
-                timestamp: object.rtc_timestamp,
-                content: content_hash(object.rtc_data.get()),
-            };
-            if cache.unchanged(&entry) {
-                self.metrics.count_unchanged(&object.rtc_type);
-                return false;
-            }
-            kept.push(entry);
-            true
+            keep
         });
+        for (kind, count) in skipped {
+            self.metrics.count_unchanged(&kind, count);
+        }
+        let kept = entries
+            .into_iter()
+            .zip(unchanged)
+            .filter_map(|(entry, unchanged)| entry.filter(|_| !unchanged))
+            .collect();
         Kept(kept)
     }
 
