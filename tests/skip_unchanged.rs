@@ -256,3 +256,44 @@ async fn nulls_flip_backs_and_late_reports_are_stored() {
     .collect();
     assert_eq!(stored, expected);
 }
+
+/// A report answered 503 is not remembered: its change, sent again later, is stored, not taken
+/// for a repeat. The queue is really full: one slot, held by a report its sink cannot write yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_answered_503_does_not_count_as_stored() {
+    let sink = kohaku_sink::testkit::ControlledSink::new("controlled");
+    let mut config = test_config();
+    config.pipeline.skip_unchanged = SkipUnchanged::Mode(SkipMode::All);
+    config.pipeline.queue_max_rows = 1;
+    config.pipeline.batch_max_rows = 1;
+    let app = start(&config, vec![sink.clone()]).await;
+    let client = H2::connect(app.ingest_addr()).await;
+    let body = |at: f64, a: i64| {
+        let mut body = small_webhook(1, 0);
+        body["stats"] = serde_json::json!([{"id": "X", "type": "codec", "timestamp": at, "a": a}]);
+        body.to_string()
+    };
+    sink.block();
+    let first = client.post_webhook(WEBHOOK_PATH, body(1000.0, 1)).await;
+    assert_eq!(first.status, StatusCode::NO_CONTENT, "{}", first.text());
+    let refused = client.post_webhook(WEBHOOK_PATH, body(2000.0, 2)).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.json()["field"], "queue");
+    sink.unblock();
+    assert!(sink.wait_for_rows(1, WAIT).await);
+    // The change refused above, resent with a later time: stored, not skipped.
+    let resent = client.post_webhook(WEBHOOK_PATH, body(3000.0, 2)).await;
+    assert_eq!(resent.status, StatusCode::NO_CONTENT, "{}", resent.text());
+    assert!(
+        sink.wait_for_rows(2, WAIT).await,
+        "the change was taken for a repeat"
+    );
+    let connection = sora_id(1);
+    assert!(sink.stored_object(&connection, "X", 3000.0).is_some());
+    app.shutdown().await;
+}
