@@ -445,12 +445,9 @@ impl Databases {
         // The dashboards must read compressed chunks as well as fresh ones.
         #[cfg(all(feature = "timescaledb", feature = "testkit"))]
         if kohaku_timescaledb::testkit::server_flavor() == "timescaledb" {
-            kohaku_timescaledb::testkit::execute(
-                &postgres,
-                "SELECT compress_chunk(c, if_not_compressed => true) FROM show_chunks('rtc_stats') c",
-            )
-            .await
-            .expect("compress the chunks");
+            kohaku_timescaledb::testkit::compress_all_chunks(&postgres)
+                .await
+                .expect("compress the chunks");
         }
         Self {
             _dir: dir,

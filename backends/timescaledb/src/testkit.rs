@@ -83,6 +83,20 @@ pub async fn execute(url: &str, sql: &str) -> Result<(), String> {
     result.map(|_| ()).map_err(|err| err.to_string())
 }
 
+/// Compresses every chunk of `rtc_stats`. The compression policy's background job may compress a
+/// chunk between `compress_chunk`'s own check and its work, which fails the statement with "already
+/// compressed"; the chunk is then what the caller wants, so the statement is run again.
+pub async fn compress_all_chunks(url: &str) -> Result<(), String> {
+    let sql = "SELECT compress_chunk(c, if_not_compressed => true) FROM show_chunks('rtc_stats') c";
+    let mut attempts = 0;
+    loop {
+        match execute(url, sql).await {
+            Err(err) if err.contains("already compressed") && attempts < 10 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
 /// Which server the test cluster is (`KOHAKU_TEST_PG_FLAVOR`, set by `scripts/test`): `plain`
 /// PostgreSQL, full `timescaledb`, or `apache`-only TimescaleDB.
 pub fn server_flavor() -> String {

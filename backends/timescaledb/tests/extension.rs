@@ -8,7 +8,8 @@ use std::time::Duration;
 use kohaku_sink::testkit::sample;
 use kohaku_sink::StatsSink;
 use kohaku_timescaledb::testkit::{
-    execute, fresh_database, fresh_database_owned_by, server_flavor, UnpreloadedCluster,
+    compress_all_chunks, execute, fresh_database, fresh_database_owned_by, server_flavor,
+    UnpreloadedCluster,
 };
 use kohaku_timescaledb::{ExtensionMode, Flavor, TimescaleOptions, TimescaleSink};
 use sqlx::postgres::PgPool;
@@ -181,12 +182,7 @@ async fn duplicates_and_late_rows_into_compressed_chunks_are_stored_once() {
     let early = sample::report(connection.clone(), now_ms - 10.0 * 86_400_000.0, 20);
     let written = sink.write(&sample::batch([early.clone()])).await.unwrap();
     assert_eq!(written.written, 20);
-    execute(
-        &url,
-        "SELECT compress_chunk(c, if_not_compressed => true) FROM show_chunks('rtc_stats') c",
-    )
-    .await
-    .unwrap();
+    compress_all_chunks(&url).await.unwrap();
     let compressed: i64 = scalar(
         &url,
         "SELECT count(*) FROM timescaledb_information.chunks \
