@@ -161,19 +161,20 @@ impl Reader {
                 return Flow::Continue;
             }
         }
-        let next = Report {
-            connection: stats.connection,
-            sora_timestamp: stats.sora_timestamp,
-            received_at: OffsetDateTime::now_utc(),
-            stats: vec![stats.object],
-        };
+        let next = Report::new(
+            stats.connection,
+            stats.sora_timestamp,
+            OffsetDateTime::now_utc(),
+            vec![stats.object],
+        );
         match pending.replace(next) {
             Some(done) => self.submit(done),
             None => Flow::Continue,
         }
     }
 
-    pub(super) fn submit(&mut self, report: Report) -> Flow {
+    pub(super) fn submit(&mut self, mut report: Report) -> Flow {
+        report.summary = crate::sora::summarize(&report.stats);
         match self.runtime.block_on(self.queue.submit_waiting(report)) {
             Ok(()) => {
                 self.tally.reports += 1;

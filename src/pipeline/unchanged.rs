@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kohaku_sink::Report;
+use kohaku_sink::{Report, SummaryNumber};
 
 use crate::metrics::Metrics;
 use crate::sync::lock;
@@ -119,6 +119,10 @@ impl SkipUnchanged {
             }
             keep
         });
+        let total: u64 = skipped.iter().map(|(_, count)| count).sum();
+        if let Some(summary) = report.summary.as_mut() {
+            summary.set_number(SummaryNumber::StatsObjectsUnchanged, Some(total as f64));
+        }
         for (kind, count) in skipped {
             self.metrics.count_unchanged(&kind, count);
         }

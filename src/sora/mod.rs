@@ -7,11 +7,13 @@
 //! its `id`, `type` and `timestamp`; its JSON text is kept byte for byte, so nothing a client sent
 //! is lost, reordered or re-serialised.
 
+pub(crate) use summary::summarize;
 mod fields;
 mod log_line;
 mod object;
 mod one_pass;
 mod report;
+mod summary;
 
 use bytes::Bytes;
 use serde::Deserialize;

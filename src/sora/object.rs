@@ -67,8 +67,30 @@ impl<'a> Members<'a> {
     }
 }
 
-impl Iterator for Members<'_> {
-    type Item = Result<(Option<usize>, std::ops::Range<usize>), HeadError>;
+/// One top-level member of a stats object, as [`Members`] finds it.
+pub(super) struct Member<'a> {
+    /// The key between its quotes, as written (escapes not decoded).
+    key: &'a str,
+    key_escaped: bool,
+    /// Where the member's value sits in the object's text.
+    pub(super) value: std::ops::Range<usize>,
+}
+
+impl<'a> Member<'a> {
+    /// The key as JSON reads it: a key spelled with escapes (`"\u0069d"`) is still `id`.
+    pub(super) fn name(&self) -> Option<Cow<'a, str>> {
+        if self.key_escaped {
+            serde_json::from_str::<String>(&format!("\"{}\"", self.key))
+                .ok()
+                .map(Cow::Owned)
+        } else {
+            Some(Cow::Borrowed(self.key))
+        }
+    }
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = Result<Member<'a>, HeadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         let bytes = self.text.as_bytes();
@@ -78,29 +100,31 @@ impl Iterator for Members<'_> {
         let mut key_escaped = false;
         let key_end = string_end(bytes, self.at, &mut key_escaped);
         self.escapes |= key_escaped;
-        let key = &self.text[self.at..key_end];
+        let key = &self.text[self.at + 1..key_end.saturating_sub(1).max(self.at + 1)];
         // Past the ':'.
         let start = skip_whitespace(bytes, skip_whitespace(bytes, key_end) + 1);
         let Some(end) = value_end(bytes, start, self.limit, &mut self.escapes) else {
             self.at = bytes.len();
             return Some(Err(HeadError::TooDeep));
         };
-        let slot = if key_escaped {
-            // A key spelled with escapes (`"\u0069d"`) is still `id`.
-            serde_json::from_str::<String>(key)
-                .ok()
-                .and_then(|name| member_slot(&name))
-        } else {
-            key.strip_prefix('"')
-                .and_then(|name| name.strip_suffix('"'))
-                .and_then(member_slot)
-        };
         self.at = skip_whitespace(bytes, end);
         if bytes.get(self.at) == Some(&b',') {
             self.at = skip_whitespace(bytes, self.at + 1);
         }
-        Some(Ok((slot, start..end)))
+        Some(Ok(Member {
+            key,
+            key_escaped,
+            value: start..end,
+        }))
     }
+}
+
+/// The top-level members of `text` (one stats object Kohaku accepted, so valid JSON), each with
+/// its value's text.
+pub(super) fn members(text: &str) -> impl Iterator<Item = (Cow<'_, str>, &str)> {
+    Members::new(text, usize::MAX)
+        .map_while(Result::ok)
+        .filter_map(move |member| Some((member.name()?, &text[member.value])))
 }
 
 /// Reads `id`, `type` and `timestamp` from the top level of a stats object and checks its nesting
@@ -111,9 +135,11 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
     let mut seen = [false; 3];
     let mut members = Members::new(text, limit);
     for member in &mut members {
-        let (slot, span) = member?;
-        let Some(slot) = slot else { continue };
-        let value = &text[span];
+        let member = member?;
+        let Some(slot) = member.name().as_deref().and_then(member_slot) else {
+            continue;
+        };
+        let value = &text[member.value];
         let name = ["id", "type", "timestamp"][slot];
         if std::mem::replace(&mut seen[slot], true) {
             return Err(HeadError::Invalid(format!("duplicate field `{name}`")));
@@ -134,7 +160,7 @@ fn scan_head(text: &str, limit: usize) -> Result<ObjectHead<'_>, HeadError> {
 pub fn timestamp_span(text: &str) -> Option<std::ops::Range<usize>> {
     Members::new(text, usize::MAX)
         .map_while(Result::ok)
-        .find_map(|(slot, span)| (slot == Some(2)).then_some(span))
+        .find_map(|member| (member.name().as_deref() == Some("timestamp")).then_some(member.value))
 }
 
 /// Which of the three members Kohaku reads `name` (unquoted, unescaped) is: 0 `id`, 1 `type`,
@@ -177,7 +203,7 @@ pub(super) fn number_value(value: &str) -> Result<Option<f64>, serde_json::Error
 }
 
 /// A JSON string or null, borrowed when it holds no escapes.
-fn string_value(value: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
+pub(super) fn string_value(value: &str) -> Result<Option<Cow<'_, str>>, serde_json::Error> {
     match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') => Ok(Some(Cow::Borrowed(inner))),
         _ => serde_json::from_str::<Option<String>>(value).map(|v| v.map(Cow::Owned)),

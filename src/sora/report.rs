@@ -251,10 +251,7 @@ fn report_of(
         }
     };
 
-    Ok(Report {
-        connection,
-        sora_timestamp,
-        received_at,
-        stats,
-    })
+    let mut report = Report::new(connection, sora_timestamp, received_at, stats);
+    report.summary = super::summary::summarize(&report.stats);
+    Ok(report)
 }

@@ -15,10 +15,12 @@ pub use serde_json::value::RawValue;
 pub use time::OffsetDateTime;
 
 mod redact;
+mod summary;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use redact::redact_uri;
+pub use summary::{summary_columns, ReportSummary, SummaryNumber, SummaryText};
 
 /// How every backend and log line spells a point in time: ISO-8601 UTC with microseconds, e.g.
 /// `2025-07-25T06:06:51.592776Z`. Fixed width, so text comparison orders it as time.
@@ -123,9 +125,29 @@ pub struct Report {
     /// When Kohaku received it.
     pub received_at: OffsetDateTime,
     pub stats: Vec<StatsObject>,
+    /// The report's connection summary, taken from every object it carried (also those
+    /// `skip_unchanged` then drops); `None` for a report without objects. Backends that keep
+    /// summaries store it with the report's objects, in the same transaction.
+    pub summary: Option<ReportSummary>,
 }
 
 impl Report {
+    /// A report without a summary yet (Kohaku's parser adds it).
+    pub fn new(
+        connection: Connection,
+        sora_timestamp: OffsetDateTime,
+        received_at: OffsetDateTime,
+        stats: Vec<StatsObject>,
+    ) -> Self {
+        Self {
+            connection,
+            sora_timestamp,
+            received_at,
+            stats,
+            summary: None,
+        }
+    }
+
     pub fn row_count(&self) -> usize {
         self.stats.len()
     }

@@ -4,6 +4,7 @@
 //! statement on tokio's blocking pool.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -35,6 +36,28 @@ pub struct SqliteSink {
 struct OpenFile {
     connection: Connection,
     file: Option<FileId>,
+    /// When the planner's statistics were last brought up to date ([`optimize`]).
+    optimized_at: Option<Instant>,
+}
+
+/// How often a long-running Kohaku refreshes SQLite's planner statistics, as SQLite advises for
+/// long-lived connections. Without them the planner guesses, and picked the channel index for
+/// one connection's rate panels, 8–13 times slower on a database with history.
+const OPTIMIZE_EVERY: Duration = Duration::from_secs(3600);
+
+/// `PRAGMA optimize`: runs `ANALYZE` on the tables whose size changed enough since the last one,
+/// each bounded by `analysis_limit` so that it costs milliseconds whatever the table's size.
+/// `first` also covers tables never analysed (SQLite's advice for a newly opened connection). A
+/// failure only leaves the statistics as they were, so it is logged, not returned.
+fn optimize(connection: &Connection, first: bool) {
+    let sql = if first {
+        "PRAGMA analysis_limit = 1000; PRAGMA optimize = 0x10002;"
+    } else {
+        "PRAGMA analysis_limit = 1000; PRAGMA optimize;"
+    };
+    if let Err(err) = connection.execute_batch(sql) {
+        tracing::warn!(error = %err, "sqlite: PRAGMA optimize failed; planner statistics stay as they were");
+    }
 }
 
 /// A file's identity: device and inode.
@@ -67,6 +90,7 @@ impl OpenFile {
         migrate(&mut connection)?;
         self.file = file_id(&options.path);
         self.connection = connection;
+        self.optimized_at = None;
         Ok(())
     }
 }
@@ -118,7 +142,11 @@ impl SqliteSink {
         let file = file_id(&options.path);
         Ok(Self {
             options: options.clone(),
-            open: Arc::new(Mutex::new(OpenFile { connection, file })),
+            open: Arc::new(Mutex::new(OpenFile {
+                connection,
+                file,
+                optimized_at: None,
+            })),
         })
     }
 
@@ -167,7 +195,12 @@ impl StatsSink for SqliteSink {
     }
 
     async fn migrate(&self) -> Result<(), SinkError> {
-        self.with_connection(migrate).await
+        self.with_connection(|connection| {
+            migrate(connection)?;
+            optimize(connection, true);
+            Ok(())
+        })
+        .await
     }
 
     async fn write(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError> {
@@ -185,6 +218,13 @@ impl StatsSink for SqliteSink {
                 // Deleted during this write: the rows went into the unlinked file. Reporting a
                 // transient failure has the pipeline write the batch again, into a new file.
                 return Err(replaced_error(&options.path));
+            }
+            if open
+                .optimized_at
+                .is_none_or(|at| at.elapsed() >= OPTIMIZE_EVERY)
+            {
+                optimize(&open.connection, open.optimized_at.is_none());
+                open.optimized_at = Some(Instant::now());
             }
             Ok(report)
         })
@@ -205,8 +245,10 @@ impl StatsSink for SqliteSink {
     }
 
     async fn close(&self) -> Result<(), SinkError> {
-        // Fold the WAL back into the main file so the database is self-contained after exit.
+        // Fold the WAL back into the main file so the database is self-contained after exit, with
+        // statistics that describe what this run wrote (an import fills a database in minutes).
         self.with_connection(|connection| {
+            optimize(connection, false);
             connection
                 .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
                 .map_err(|err| classify("sqlite: checkpoint at close failed", err))

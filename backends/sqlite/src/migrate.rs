@@ -24,6 +24,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
         "group_id",
         include_str!("../../../schemas/sqlite/0003_group_id.sql"),
     ),
+    (
+        4,
+        "summaries",
+        include_str!("../../../schemas/sqlite/0004_summaries.sql"),
+    ),
 ];
 
 /// The schema version this build creates: the last migration's.

@@ -1,8 +1,13 @@
 //! Writing a batch: one transaction, the stats inserted idempotently and each report's connection
 //! upserted.
 
-use kohaku_sink::{format_timestamp, Report, SinkError, StatsBatch, WriteReport};
-use rusqlite::{params, Connection};
+use std::sync::LazyLock;
+
+use kohaku_sink::{
+    format_timestamp, summary_columns, Report, ReportSummary, SinkError, StatsBatch, WriteReport,
+};
+use rusqlite::types::ToSqlOutput;
+use rusqlite::{params, params_from_iter, Connection};
 
 use crate::error::classify;
 
@@ -32,6 +37,48 @@ const UPSERT_CONNECTION: &str = "INSERT INTO sora_connection (channel_id, sessio
        simulcast = CASE WHEN excluded.last_seen >= last_seen THEN excluded.simulcast ELSE simulcast END, \
        spotlight = CASE WHEN excluded.last_seen >= last_seen THEN excluded.spotlight ELSE spotlight END";
 
+/// The summary's insert, its columns from [`summary_columns`]; a report sent twice keeps its first
+/// summary.
+static INSERT_SUMMARY: LazyLock<String> = LazyLock::new(|| {
+    let columns: Vec<&str> = summary_columns().collect();
+    let placeholders = vec!["?"; 6 + columns.len()].join(", ");
+    format!(
+        "INSERT INTO rtc_report_summary (channel_id, session_id, client_id, connection_id, \
+         rtc_timestamp, sora_timestamp, {}) VALUES ({placeholders}) \
+         ON CONFLICT (connection_id, rtc_timestamp) DO NOTHING",
+        columns.join(", ")
+    )
+});
+
+/// The values of one summary row, in [`INSERT_SUMMARY`]'s order.
+fn summary_values<'a>(
+    report: &'a Report,
+    summary: &'a ReportSummary,
+    sora_timestamp: &'a str,
+) -> impl Iterator<Item = ToSqlOutput<'a>> {
+    let connection = &report.connection;
+    [
+        connection.channel_id.as_str(),
+        connection.session_id.as_str(),
+        connection.client_id.as_str(),
+        connection.connection_id.as_str(),
+    ]
+    .into_iter()
+    .map(ToSqlOutput::from)
+    .chain([
+        ToSqlOutput::from(summary.rtc_timestamp),
+        ToSqlOutput::from(sora_timestamp),
+    ])
+    .chain(summary.numbers().map(|(_, value)| match value {
+        Some(value) => ToSqlOutput::from(value),
+        None => ToSqlOutput::from(rusqlite::types::Null),
+    }))
+    .chain(summary.texts().map(|(_, value)| match value {
+        Some(value) => ToSqlOutput::from(value),
+        None => ToSqlOutput::from(rusqlite::types::Null),
+    }))
+}
+
 pub(crate) fn write_batch(
     connection: &mut Connection,
     batch: &StatsBatch,
@@ -48,12 +95,16 @@ pub(crate) fn write_batch(
         let mut upsert_connection = tx
             .prepare_cached(UPSERT_CONNECTION)
             .map_err(fail("sqlite: cannot prepare connection upsert"))?;
+        let mut insert_summary = tx
+            .prepare_cached(&INSERT_SUMMARY)
+            .map_err(fail("sqlite: cannot prepare summary insert"))?;
         for stats_report in batch.reports() {
             let Report {
                 connection,
                 sora_timestamp,
                 received_at,
                 stats,
+                summary,
             } = stats_report.as_ref();
             let sora_timestamp = format_timestamp(*sora_timestamp);
             let received_at = format_timestamp(*received_at);
@@ -75,6 +126,15 @@ pub(crate) fn write_batch(
                     connection.group_id,
                 ])
                 .map_err(fail("sqlite: cannot upsert sora_connection"))?;
+            if let Some(summary) = summary {
+                insert_summary
+                    .execute(params_from_iter(summary_values(
+                        stats_report,
+                        summary,
+                        &sora_timestamp,
+                    )))
+                    .map_err(fail("sqlite: cannot insert into rtc_report_summary"))?;
+            }
             for object in stats {
                 let inserted = insert_stats
                     .execute(params![

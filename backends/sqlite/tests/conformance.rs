@@ -200,8 +200,8 @@ async fn a_database_of_an_older_version_is_upgraded_in_place() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(versions, vec![1, 2, 3]);
-    assert_eq!(kohaku_sqlite::SCHEMA_VERSION, 3);
+    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(kohaku_sqlite::SCHEMA_VERSION, 4);
     let group_of = || -> Option<String> {
         reader
             .query_row(

@@ -104,6 +104,26 @@ pub(crate) async fn enforce_retention(
         // Its retention policy drops the chunks.
         Flavor::TimescaleDb { .. } => {}
     }
+    // The summaries are a plain table on every server: deleted by key, in batches.
+    let mut deleted_summaries = 0u64;
+    loop {
+        let done = sqlx::query(
+            "DELETE FROM rtc_report_summary WHERE (connection_id, rtc_time, rtc_timestamp) IN \
+             (SELECT connection_id, rtc_time, rtc_timestamp FROM rtc_report_summary \
+              WHERE rtc_time < now() - make_interval(days => $1) LIMIT $2)",
+        )
+        .bind(days)
+        .bind(RETENTION_DELETE_BATCH)
+        .execute(pool)
+        .await
+        .map_err(classify(
+            "timescaledb: retention delete of rtc_report_summary failed",
+        ))?;
+        deleted_summaries += done.rows_affected();
+        if done.rows_affected() < RETENTION_DELETE_BATCH as u64 {
+            break;
+        }
+    }
     // A connection whose stats are all gone goes too.
     let connections = sqlx::query(
         "DELETE FROM sora_connection c WHERE last_seen < now() - make_interval(days => $1) \
@@ -129,6 +149,7 @@ pub(crate) async fn enforce_retention(
         .fetch_add(connections, Ordering::Relaxed);
     tracing::info!(
         deleted_rows = deleted,
+        deleted_summaries,
         dropped_chunks,
         deleted_connections = connections,
         retention_days = settings.retention_days,

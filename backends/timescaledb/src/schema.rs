@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "group_id",
         include_str!("../../../schemas/timescaledb/0004_group_id.sql"),
     ),
+    (
+        5,
+        "summaries",
+        include_str!("../../../schemas/timescaledb/0005_summaries.sql"),
+    ),
 ];
 
 const TIMESCALEDB_SQL: &str = include_str!("../../../schemas/timescaledb/timescaledb.sql");

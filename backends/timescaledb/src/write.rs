@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 
+use std::sync::LazyLock;
+
 use kohaku_sink::{
-    format_timestamp, Connection, RejectedRow, Report, SinkError, StatsBatch, StatsObject,
-    WriteReport,
+    format_timestamp, summary_columns, Connection, RejectedRow, Report, SinkError, StatsBatch,
+    StatsObject, SummaryNumber, SummaryText, WriteReport,
 };
 use sqlx::{Postgres, QueryBuilder};
 
@@ -17,6 +19,17 @@ use crate::TimescaleSink;
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 /// Connections upserted per statement: 15 parameters each, below PostgreSQL's 65535 limit.
 const CONNECTIONS_PER_UPSERT: usize = 4_000;
+/// Summaries inserted per statement: 46 parameters each, below PostgreSQL's 65535 limit.
+const SUMMARIES_PER_INSERT: usize = 1_000;
+
+/// The summary insert's head, its columns from [`summary_columns`].
+static SUMMARY_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO rtc_report_summary (rtc_time, channel_id, session_id, client_id, \
+         connection_id, rtc_timestamp, sora_timestamp, {}) ",
+        summary_columns().collect::<Vec<_>>().join(", ")
+    )
+});
 
 const CREATE_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS kohaku_rtc_stats_stage (\
      channel_id text, session_id text, client_id text, connection_id text, bundle_id text, \
@@ -129,6 +142,7 @@ impl TimescaleSink {
             Err(err) => return Err(classify("timescaledb: cannot insert rtc_stats")(err)),
         };
         upsert_connections(&mut tx, &connections).await?;
+        insert_summaries(&mut tx, &connections).await?;
         tx.commit()
             .await
             .map_err(classify("timescaledb: cannot commit"))?;
@@ -190,6 +204,7 @@ impl TimescaleSink {
             }
         }
         upsert_connections(&mut tx, connections).await?;
+        insert_summaries(&mut tx, connections).await?;
         tx.commit()
             .await
             .map_err(classify("timescaledb: cannot commit"))?;
@@ -246,6 +261,52 @@ pub(crate) async fn upsert_connections(
             .execute(&mut **tx)
             .await
             .map_err(classify("timescaledb: cannot upsert sora_connection"))?;
+    }
+    Ok(())
+}
+
+/// Inserts the reports' summaries; a report sent twice keeps its first. A text PostgreSQL cannot
+/// hold (a NUL decoded from the client's JSON) is stored as NULL rather than failing the batch.
+pub(crate) async fn insert_summaries(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    reports: &[&Report],
+) -> Result<(), SinkError> {
+    let summarized: Vec<_> = reports
+        .iter()
+        .filter_map(|report| report.summary.as_ref().map(|summary| (*report, summary)))
+        .collect();
+    for chunk in summarized.chunks(SUMMARIES_PER_INSERT) {
+        let mut query = QueryBuilder::<Postgres>::new(SUMMARY_COLUMNS.as_str());
+        query.push_values(chunk, |mut row, (report, summary)| {
+            let connection = &report.connection;
+            row.push("to_timestamp(")
+                .push_bind_unseparated(summary.rtc_timestamp)
+                .push_unseparated(" / 1000.0)")
+                .push_bind(&connection.channel_id)
+                .push_bind(&connection.session_id)
+                .push_bind(&connection.client_id)
+                .push_bind(&connection.connection_id)
+                .push_bind(summary.rtc_timestamp)
+                .push_bind(format_timestamp(report.sora_timestamp))
+                .push_unseparated("::timestamptz");
+            for which in SummaryNumber::ALL {
+                row.push_bind(summary.number(*which));
+            }
+            for which in SummaryText::ALL {
+                row.push_bind(
+                    summary
+                        .text(*which)
+                        .filter(|text| !text.contains('\0'))
+                        .map(str::to_owned),
+                );
+            }
+        });
+        query.push(" ON CONFLICT (connection_id, rtc_time, rtc_timestamp) DO NOTHING");
+        query
+            .build()
+            .execute(&mut **tx)
+            .await
+            .map_err(classify("timescaledb: cannot insert rtc_report_summary"))?;
     }
     Ok(())
 }

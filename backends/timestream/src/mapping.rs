@@ -31,6 +31,8 @@ pub const FLATTEN_SEPARATOR: &str = ".";
 /// The measure name of the record that carries a report's connection metadata.
 pub const CONNECTION_MEASURE: &str = "sora_connection";
 /// Measures Kohaku adds to every stats record: the report's times, in µs since the epoch.
+/// The measure name of the per-report summary records.
+pub const SUMMARY_MEASURE: &str = "report_summary";
 pub const SORA_TIMESTAMP_MEASURE: &str = "sora_timestamp_us";
 pub const RECEIVED_AT_MEASURE: &str = "received_at_us";
 
@@ -159,6 +161,9 @@ pub enum Origin {
     Connection {
         connection_id: String,
     },
+    Summary {
+        connection_id: String,
+    },
 }
 
 impl Origin {
@@ -174,7 +179,7 @@ impl Origin {
                 rtc_timestamp: *rtc_timestamp,
                 reason,
             }),
-            Origin::Connection { .. } => None,
+            Origin::Connection { .. } | Origin::Summary { .. } => None,
         }
     }
 
@@ -243,6 +248,7 @@ pub fn plan(batch: &StatsBatch) -> Plan {
 struct Seen {
     objects: HashSet<(String, String, u64)>,
     connections: HashSet<(String, i64)>,
+    summaries: HashSet<(String, i64)>,
 }
 
 fn plan_report(report: &Report, plan: &mut Plan, seen: &mut Seen) {
@@ -302,6 +308,10 @@ fn plan_report(report: &Report, plan: &mut Plan, seen: &mut Seen) {
         );
     }
 
+    if let Some(record) = summary_record(report, &shared, seen) {
+        records.push(record);
+    }
+
     for object in &report.stats {
         let key = (
             connection.connection_id.clone(),
@@ -335,6 +345,48 @@ fn plan_report(report: &Report, plan: &mut Plan, seen: &mut Seen) {
     }
     if !records.is_empty() {
         plan.reports.push(records);
+    }
+}
+
+/// The report's summary as one record (`report_summary`, at the summary's time): every figure
+/// present as a DOUBLE or VARCHAR measure, absent ones left out (they read as NULL).
+fn summary_record(report: &Report, shared: &[Dimension], seen: &mut Seen) -> Option<PlannedRecord> {
+    let summary = report.summary.as_ref()?;
+    let time_us = micros_of_ms(summary.rtc_timestamp)?;
+    let connection_id = &report.connection.connection_id;
+    if !seen.summaries.insert((connection_id.clone(), time_us)) {
+        return None;
+    }
+    let mut measures: Vec<Measure> = summary
+        .numbers()
+        .filter_map(|(which, value)| {
+            value.map(|value| Measure {
+                name: which.column().to_owned(),
+                kind: MeasureType::Double,
+                value: value.to_string(),
+            })
+        })
+        .collect();
+    measures.extend(summary.texts().filter_map(|(which, value)| {
+        value
+            .filter(|text| !text.is_empty())
+            .map(|text| varchar(which.column(), text))
+    }));
+    let record = PlannedRecord {
+        origin: Origin::Summary {
+            connection_id: connection_id.clone(),
+        },
+        dimensions: shared.to_vec(),
+        measure_name: SUMMARY_MEASURE.to_owned(),
+        time_us,
+        measures,
+    };
+    match check_record(&record) {
+        Ok(()) => Some(record),
+        Err(reason) => {
+            tracing::warn!(%connection_id, %reason, "a report summary exceeds Timestream's limits; it is not written");
+            None
+        }
     }
 }
 

@@ -207,6 +207,7 @@ pub async fn odd_ids_and_unicode(target: &dyn ConformanceTarget) {
         sora_timestamp: sample::time_of(ts),
         received_at: sample::time_of(ts + 1.0),
         stats,
+        summary: Some(sample::summary(ts)),
     };
     write_and_compare("odd_ids_and_unicode", target, vec![report]).await;
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use crate::{Connection, RawJson, Report, StatsBatch, StatsObject};
+use crate::{
+    Connection, RawJson, Report, ReportSummary, StatsBatch, StatsObject, SummaryNumber, SummaryText,
+};
 
 /// Every type of the current spec plus the removed ones old clients still send.
 pub const STATS_TYPES: &[&str] = &[
@@ -136,6 +138,7 @@ pub fn every_type_report(connection: Connection, rtc_timestamp: f64) -> Report {
         sora_timestamp: time_of(rtc_timestamp + 30.0),
         received_at: time_of(rtc_timestamp + 45.0),
         stats,
+        summary: Some(summary(rtc_timestamp)),
     }
 }
 
@@ -157,7 +160,21 @@ pub fn report(connection: Connection, rtc_timestamp: f64, objects: usize) -> Rep
         sora_timestamp: time_of(rtc_timestamp + 30.0),
         received_at: time_of(rtc_timestamp + 45.0),
         stats,
+        summary: Some(summary(rtc_timestamp)),
     }
+}
+
+/// A summary with a figure in every column, derived from `rtc_timestamp` so that two reports'
+/// summaries differ.
+pub fn summary(rtc_timestamp: f64) -> ReportSummary {
+    let mut summary = ReportSummary::new(rtc_timestamp);
+    for (index, which) in SummaryNumber::ALL.iter().enumerate() {
+        summary.set_number(*which, Some(index as f64 + rtc_timestamp % 1000.0));
+    }
+    for which in SummaryText::ALL {
+        summary.set_text(*which, Some(format!("{}-{}", which.column(), rtc_timestamp)));
+    }
+    summary
 }
 
 pub fn batch(reports: impl IntoIterator<Item = Report>) -> StatsBatch {

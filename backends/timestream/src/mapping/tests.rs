@@ -21,6 +21,7 @@ fn report_of(stats: Vec<StatsObject>) -> Report {
         sora_timestamp: sample::time_of(1_753_423_611_000.0),
         received_at: sample::time_of(1_753_423_612_000.5),
         stats,
+        summary: None,
     }
 }
 
@@ -336,9 +337,9 @@ fn small_reports_are_packed_whole_into_requests() {
             .records
             .iter()
             .map(|r| match &r.origin {
-                Origin::Stats { connection_id, .. } | Origin::Connection { connection_id } => {
-                    connection_id.as_str()
-                }
+                Origin::Stats { connection_id, .. }
+                | Origin::Connection { connection_id }
+                | Origin::Summary { connection_id } => connection_id.as_str(),
             })
             .collect();
         for chunk in connections.chunks(4) {
