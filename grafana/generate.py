@@ -4,7 +4,8 @@
 The panels are the same for PostgreSQL/TimescaleDB and SQLite; only the time expressions and the
 query fields differ, so they are described once here and rendered per backend. Run it after
 changing a panel (`python3 grafana/generate.py`); the JSON files it writes are what Grafana loads
-and what the tests run. Rate logic lives in the schema's views (rtc_*_rates), never here.
+and what the tests run. Rate logic lives in the schema's views (rtc_*_rates), never here; the overview reads the per-report
+summaries (rtc_report_summary), never the raw objects.
 """
 
 import json
@@ -212,49 +213,61 @@ def overview(backend):
               "SELECT count(*) AS connections FROM sora_connection "
               "WHERE {CONN_RANGE} AND {CHANNELS}", width=6, height=4),
         panel(layout, backend, "stat", "Stats objects stored",
-              "SELECT count(*) AS objects FROM rtc_stats WHERE {RANGE} AND {CHANNELS}",
+              "SELECT sum(stats_objects - stats_objects_unchanged) AS objects "
+              "FROM rtc_report_summary WHERE {RANGE} AND {CHANNELS}",
               width=6, height=4),
         panel(layout, backend, "stat", "Sora nodes",
               "SELECT count(DISTINCT node_name) AS nodes FROM sora_connection "
               "WHERE {CONN_RANGE} AND {CHANNELS}", width=6, height=4),
-        panel(layout, backend, "timeseries", "Ingest volume (stats objects per interval, by type)",
-              "SELECT {BUCKET}, rtc_type AS metric, count(*) AS objects FROM rtc_stats "
-              "WHERE {RANGE} AND {CHANNELS} GROUP BY 1, 2 ORDER BY 1",
-              unit="short", minimum=0),
+        panel(layout, backend, "timeseries", "Ingest volume (stats objects per interval)",
+              "SELECT {BUCKET}, sum(stats_objects - stats_objects_unchanged) AS stored, "
+              "sum(stats_objects_unchanged) AS unchanged_not_stored, count(*) AS reports "
+              "FROM rtc_report_summary WHERE {RANGE} AND {CHANNELS} GROUP BY 1 ORDER BY 1",
+              unit="short", minimum=0,
+              description="Objects stored, objects skip_unchanged found unchanged and did not "
+              "store, and reports, per interval."),
         panel(layout, backend, "timeseries", "Connections reporting",
-              "SELECT {BUCKET}, count(DISTINCT connection_id) AS connections FROM rtc_stats "
+              "SELECT {BUCKET}, count(DISTINCT connection_id) AS connections FROM rtc_report_summary "
               "WHERE {RANGE} AND {CHANNELS} GROUP BY 1 ORDER BY 1",
               unit="short", minimum=0),
         panel(layout, backend, "table", "Connections",
               "SELECT c.channel_id, c.connection_id, c.role, c.client_id, c.group_id, c.node_name AS sora_node, "
               "c.version AS sora_version, c.simulcast, c.first_seen, c.last_seen, "
-              "(SELECT max(encoder_implementation) FROM rtc_outbound_rtp o "
-              "WHERE o.connection_id = c.connection_id AND {RANGE}) AS encoder, "
-              "(SELECT max(decoder_implementation) FROM rtc_inbound_rtp i "
-              "WHERE i.connection_id = c.connection_id AND {RANGE}) AS decoder "
-              "FROM sora_connection c WHERE {CONN_RANGE} AND c.{CHANNELS} "
+              "s.video_codec, s.audio_codec, s.encoder, s.decoder, s.local_candidate, s.remote_candidate "
+              "FROM sora_connection c LEFT JOIN ("
+              "SELECT connection_id, max(video_codec) AS video_codec, max(audio_codec) AS audio_codec, "
+              "max(encoder_implementation) AS encoder, max(decoder_implementation) AS decoder, "
+              "max(local_candidate_type) AS local_candidate, max(remote_candidate_type) AS remote_candidate "
+              "FROM rtc_report_summary WHERE {RANGE} AND {CHANNELS} GROUP BY connection_id"
+              ") s ON s.connection_id = c.connection_id "
+              "WHERE {CONN_RANGE} AND c.{CHANNELS} "
               "ORDER BY c.last_seen DESC",
               width=24, height=10, links=link,
               description="group_id is the stats webhook's (Sora 2025.2 and later; empty for "
-              "the older exporter). Encoder and decoder implementations are what the browser reports "
-              "(e.g. libvpx, ExternalEncoder); they hint at the platform. Click a connection "
-              "for its details."),
-        panel(layout, backend, "table", "Reception by connection (inbound-rtp)",
-              "SELECT channel_id, connection_id, kind, avg(packet_loss_percent) AS loss_percent, "
+              "the older exporter). Codecs, encoder and decoder implementations (e.g. libvpx, "
+              "ExternalEncoder: they hint at the platform) and the selected candidate types (relay "
+              "means TURN) come from the reports' summaries. Click a connection for its details."),
+        panel(layout, backend, "table", "Reception by connection",
+              "SELECT channel_id, connection_id, avg(packet_loss_percent) AS loss_percent, "
               "max(packet_loss_percent) AS max_loss_percent, avg(jitter_ms) AS jitter_ms, "
               "avg(jitter_buffer_delay_ms) AS jitter_buffer_delay_ms, sum(freezes) AS freezes, "
-              "avg(bitrate_bps) AS bitrate_bps FROM rtc_inbound_rtp_rates "
-              "WHERE {RANGE} AND {CHANNELS} GROUP BY channel_id, connection_id, kind "
+              "avg(concealment_percent) AS concealment_percent, "
+              "avg(received_bitrate_bps) AS received_bitrate_bps, avg(sent_bitrate_bps) AS sent_bitrate_bps "
+              "FROM rtc_report_summary_rates "
+              "WHERE {RANGE} AND {CHANNELS} GROUP BY channel_id, connection_id "
               "ORDER BY loss_percent DESC, jitter_ms DESC",
               width=24, height=10, links=link,
-              description="Worst first: average packet loss, jitter and freezes of what each "
-              "connection received."),
-        panel(layout, backend, "table", "Round-trip time by connection (remote-inbound-rtp)",
-              "SELECT channel_id, connection_id, kind, avg(round_trip_time) AS rtt, "
-              "max(round_trip_time) AS max_rtt, avg(fraction_lost) AS fraction_lost "
-              "FROM rtc_remote_inbound_rtp WHERE {RANGE} AND {CHANNELS} "
-              "GROUP BY channel_id, connection_id, kind ORDER BY rtt DESC",
-              width=24, height=8, links=link, unit="s"),
+              description="Worst first: average packet loss, jitter (the worst stream's), freezes "
+              "and concealed audio of what each connection received, over all its streams."),
+        panel(layout, backend, "table", "Round-trip time by connection",
+              "SELECT channel_id, connection_id, avg(round_trip_time) AS rtt, "
+              "max(round_trip_time) AS max_rtt, avg(current_round_trip_time) AS ice_rtt, "
+              "avg(fraction_lost) AS fraction_lost "
+              "FROM rtc_report_summary WHERE {RANGE} AND {CHANNELS} "
+              "GROUP BY channel_id, connection_id ORDER BY rtt DESC",
+              width=24, height=8, links=link, unit="s",
+              description="rtt: the receivers' reports (remote-inbound-rtp, the worst stream's); "
+              "ice_rtt: the selected candidate pair's."),
     ]
     variables = [
         variable(backend, "channel_id", "Channel",

@@ -872,3 +872,192 @@ async fn panels_stay_right_when_unchanged_objects_are_skipped() {
         assert!(same_interval > 0, "{view}: no sample to compare");
     }
 }
+
+/// The figures docs/summary.md promises, computed here a second way from the fixture reports' raw
+/// objects (serde_json values, not Kohaku's parser): what each summary row must hold.
+fn expected_summary(report: &FixtureReport) -> (f64, Vec<(&'static str, Value)>) {
+    let objects: Vec<Value> = report
+        .objects
+        .iter()
+        .map(|object| serde_json::from_str(&object.text).unwrap())
+        .collect();
+    let of_type = |kind: &str| -> Vec<&Value> {
+        objects
+            .iter()
+            .filter(|object| object["type"] == kind)
+            .collect()
+    };
+    let sum = |kind: &str, member: &str| -> Value {
+        let values: Vec<f64> = of_type(kind)
+            .iter()
+            .filter_map(|object| object[member].as_f64())
+            .collect();
+        if values.is_empty() {
+            Value::Null
+        } else {
+            serde_json::json!(values.iter().sum::<f64>())
+        }
+    };
+    let max = |kind: &str, member: &str| -> Value {
+        of_type(kind)
+            .iter()
+            .filter_map(|object| object[member].as_f64())
+            .reduce(f64::max)
+            .map_or(Value::Null, |value| serde_json::json!(value))
+    };
+    let by_id = |kind: &str, id: &Value| -> Option<&Value> {
+        objects
+            .iter()
+            .find(|object| object["type"] == kind && &object["id"] == id)
+    };
+    let pair = of_type("transport")
+        .first()
+        .map(|transport| transport["selectedCandidatePairId"].clone())
+        .and_then(|id| by_id("candidate-pair", &id));
+    let candidate_type = |side: &str| -> Value {
+        pair.and_then(|pair| {
+            by_id(
+                &format!("{side}-candidate"),
+                &pair[format!("{side}CandidateId")],
+            )
+        })
+        .map_or(Value::Null, |candidate| candidate["candidateType"].clone())
+    };
+    let codec = |kind: &str| -> Value {
+        let stream = of_type("outbound-rtp")
+            .into_iter()
+            .chain(of_type("inbound-rtp"))
+            .find(|stream| stream["kind"] == kind);
+        stream
+            .and_then(|stream| by_id("codec", &stream["codecId"]))
+            .map_or(Value::Null, |codec| codec["mimeType"].clone())
+    };
+    let time = objects
+        .iter()
+        .map(|object| object["timestamp"].as_f64().unwrap())
+        .reduce(f64::max)
+        .unwrap();
+    let figures = vec![
+        ("stats_objects", serde_json::json!(objects.len() as f64)),
+        (
+            "inbound_streams",
+            serde_json::json!(of_type("inbound-rtp").len() as f64),
+        ),
+        ("bytes_received", sum("inbound-rtp", "bytesReceived")),
+        ("packets_lost", sum("inbound-rtp", "packetsLost")),
+        ("jitter", max("inbound-rtp", "jitter")),
+        ("frames_decoded", sum("inbound-rtp", "framesDecoded")),
+        ("concealed_samples", sum("inbound-rtp", "concealedSamples")),
+        ("bytes_sent", sum("outbound-rtp", "bytesSent")),
+        ("frames_encoded", sum("outbound-rtp", "framesEncoded")),
+        (
+            "round_trip_time",
+            max("remote-inbound-rtp", "roundTripTime"),
+        ),
+        ("fraction_lost", max("remote-inbound-rtp", "fractionLost")),
+        (
+            "current_round_trip_time",
+            pair.map_or(Value::Null, |pair| pair["currentRoundTripTime"].clone()),
+        ),
+        ("local_candidate_type", candidate_type("local")),
+        ("remote_candidate_type", candidate_type("remote")),
+        ("audio_codec", codec("audio")),
+        ("video_codec", codec("video")),
+    ];
+    (time, figures)
+}
+
+/// Every report of the fixtures has one summary, on every backend, and its figures are what the
+/// raw objects give by the documented rules; `skip_unchanged` changes none of them but the count
+/// of objects it did not store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_agree_with_the_raw_objects() {
+    let every = Databases::filled(None, Some("\"off\"")).await;
+    let skipped = Databases::filled(None, Some("\"all\"")).await;
+    let reports: Vec<FixtureReport> = LOGS.iter().flat_map(|log| fixture_reports(log)).collect();
+    let sql = "SELECT * FROM rtc_report_summary ORDER BY connection_id, rtc_timestamp";
+    for backend in every.backends() {
+        let rows = every.query(backend, sql).await.unwrap();
+        assert_eq!(
+            rows.len(),
+            reports.len(),
+            "{backend}: one summary per report"
+        );
+        let stored: HashMap<(String, String), &Value> = rows
+            .iter()
+            .map(|row| {
+                let time = row["rtc_timestamp"].as_f64().unwrap();
+                (
+                    (
+                        row["connection_id"].as_str().unwrap().to_owned(),
+                        format!("{time:.3}"),
+                    ),
+                    row,
+                )
+            })
+            .collect();
+        let mut checked_texts = 0;
+        for report in &reports {
+            let (time, figures) = expected_summary(report);
+            let row = stored
+                .get(&(report.connection_id.clone(), format!("{time:.3}")))
+                .unwrap_or_else(|| panic!("{backend}: no summary at {time}"));
+            for (column, expected) in figures {
+                let actual = &row[column];
+                match (expected.as_f64(), actual.as_f64()) {
+                    (Some(expected), Some(actual)) => assert!(
+                        (expected - actual).abs() <= 1e-9 * expected.abs().max(1.0),
+                        "{backend} {} at {time}: {column} = {actual}, expected {expected}",
+                        report.connection_id
+                    ),
+                    _ => {
+                        checked_texts += usize::from(expected.is_string());
+                        assert_eq!(
+                            actual, &expected,
+                            "{backend} {} at {time}: {column}",
+                            report.connection_id
+                        );
+                    }
+                }
+            }
+        }
+        assert!(
+            checked_texts > 50,
+            "{backend}: {checked_texts} texts compared"
+        );
+
+        let without = |rows: Vec<Value>| -> Vec<Value> {
+            rows.into_iter()
+                .map(|mut row| {
+                    row.as_object_mut()
+                        .unwrap()
+                        .remove("stats_objects_unchanged");
+                    row
+                })
+                .collect()
+        };
+        let skipping = skipped.query(backend, sql).await.unwrap();
+        let not_stored: f64 = skipping
+            .iter()
+            .map(|row| row["stats_objects_unchanged"].as_f64().unwrap())
+            .sum();
+        let count = "SELECT count(*) AS rows FROM rtc_stats";
+        let rows_of = |answer: Vec<Value>| answer[0]["rows"].as_f64().unwrap();
+        let all_rows = rows_of(every.query(backend, count).await.unwrap());
+        let fewer_rows = rows_of(skipped.query(backend, count).await.unwrap());
+        assert_eq!(
+            all_rows - not_stored,
+            fewer_rows,
+            "{backend}: the summaries count exactly the objects skip_unchanged did not store"
+        );
+        assert!(
+            not_stored > 0.0,
+            "{backend}: skip_unchanged skipped something"
+        );
+        assert_eq!(
+            without(skipping),
+            without(rows),
+            "{backend}: the same summaries"
+        );
+    }
+}

@@ -133,12 +133,10 @@ pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
                 summary.max(N::RoundTripTime, fields.number("roundTripTime"));
                 summary.max(N::FractionLost, fields.number("fractionLost"));
             }
-            "transport" => {
-                if selected_pair.is_none() {
-                    selected_pair = Fields::of(object)
-                        .text("selectedCandidatePairId")
-                        .map(Cow::into_owned);
-                }
+            "transport" if selected_pair.is_none() => {
+                selected_pair = Fields::of(object)
+                    .text("selectedCandidatePairId")
+                    .map(Cow::into_owned);
             }
             "candidate-pair" if nominated_pair.is_none() => {
                 let fields = Fields::of(object);

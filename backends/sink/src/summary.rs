@@ -147,7 +147,9 @@ impl ReportSummary {
 
     /// Every text figure with its column, in [`SummaryText::ALL`] order.
     pub fn texts(&self) -> impl Iterator<Item = (SummaryText, Option<&str>)> + '_ {
-        SummaryText::ALL.iter().map(|which| (*which, self.text(*which)))
+        SummaryText::ALL
+            .iter()
+            .map(|which| (*which, self.text(*which)))
     }
 }
 

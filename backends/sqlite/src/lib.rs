@@ -4,8 +4,8 @@
 //! statement on tokio's blocking pool.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use kohaku_sink::{SinkError, StatsBatch, StatsSink, WriteReport};

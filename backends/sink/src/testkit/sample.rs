@@ -172,7 +172,10 @@ pub fn summary(rtc_timestamp: f64) -> ReportSummary {
         summary.set_number(*which, Some(index as f64 + rtc_timestamp % 1000.0));
     }
     for which in SummaryText::ALL {
-        summary.set_text(*which, Some(format!("{}-{}", which.column(), rtc_timestamp)));
+        summary.set_text(
+            *which,
+            Some(format!("{}-{}", which.column(), rtc_timestamp)),
+        );
     }
     summary
 }
