@@ -81,7 +81,7 @@ async fn fixture_reports_reach_timestream_with_dimensions_time_and_measures() {
     let records = testkit::wait_for_stats_records(&database, TABLE, sent.len(), WAIT).await;
     let stats: Vec<&StoredRecord> = records
         .iter()
-        .filter(|r| r.measure_name != CONNECTION_MEASURE)
+        .filter(|r| mapping::is_stats_measure(&r.measure_name))
         .collect();
     let key_of = |record: &StoredRecord| {
         (
@@ -135,6 +135,33 @@ async fn fixture_reports_reach_timestream_with_dimensions_time_and_measures() {
             }
         }
     }
+    // One summary record per report, at the time of its newest object.
+    let summaries: HashSet<(&str, i64)> = records
+        .iter()
+        .filter(|r| r.measure_name == mapping::SUMMARY_MEASURE)
+        .filter(|r| r.measure("stats_objects").is_some())
+        .filter_map(|r| Some((r.dimension("connection_id")?, r.time_us())))
+        .collect();
+    let mut reports: HashSet<(String, i64)> = HashSet::new();
+    for file in [
+        "chromium/rtc_stats.chromium-av.jsonl",
+        "sora-logs/rtc_stats.sample.jsonl",
+    ] {
+        for report in fixture_reports(file) {
+            let newest = report
+                .objects
+                .iter()
+                .map(|object| object.rtc_timestamp)
+                .reduce(f64::max)
+                .unwrap();
+            reports.insert((report.connection_id, mapping::micros_of_ms(newest).unwrap()));
+        }
+    }
+    let summarized: HashSet<(String, i64)> = summaries
+        .iter()
+        .map(|(connection, time)| ((*connection).to_owned(), *time))
+        .collect();
+    assert_eq!(summarized, reports, "a summary record per report");
     let with_metadata: HashSet<&str> = records
         .iter()
         .filter(|r| r.measure_name == CONNECTION_MEASURE)
@@ -195,7 +222,7 @@ async fn an_outage_holds_reports_back_until_timestream_answers_again() {
     let records = testkit::wait_for_stats_records(&database, TABLE, 20, WAIT).await;
     let keys: HashSet<(String, String)> = records
         .iter()
-        .filter(|r| r.measure_name != CONNECTION_MEASURE)
+        .filter(|r| mapping::is_stats_measure(&r.measure_name))
         .map(|r| {
             (
                 r.dimension("connection_id").unwrap().to_owned(),

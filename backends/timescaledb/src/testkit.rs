@@ -226,15 +226,38 @@ pub async fn stored_rows(url: &str) -> Vec<StoredRow> {
 /// Runs any query and returns its rows as JSON objects (column name → value), the way a client
 /// such as Grafana would see them; `Err` carries PostgreSQL's message.
 pub async fn query_json(url: &str, sql: &str) -> Result<Vec<serde_json::Value>, String> {
-    let pool = PgPool::connect(url)
-        .await
-        .map_err(|err| format!("connect: {err}"))?;
-    // json_agg keeps every column's type readable without knowing the query's columns.
-    let wrapped = format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({sql}) AS q");
-    let result: Result<String, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(wrapped))
-        .fetch_one(&pool)
-        .await;
-    pool.close().await;
-    let text = result.map_err(|err| err.to_string())?;
-    serde_json::from_str(&text).map_err(|err| format!("json_agg result: {err}"))
+    let client = QueryClient::connect(url).await?;
+    let result = client.query_json(sql).await;
+    client.close().await;
+    result
+}
+
+/// A connection kept open for many queries, as Grafana keeps its datasource's: what the dashboard
+/// benchmark times is the query, not a connection set-up.
+pub struct QueryClient {
+    pool: PgPool,
+}
+
+impl QueryClient {
+    pub async fn connect(url: &str) -> Result<Self, String> {
+        let pool = PgPool::connect(url)
+            .await
+            .map_err(|err| format!("connect: {err}"))?;
+        Ok(Self { pool })
+    }
+
+    /// [`query_json`] on this connection.
+    pub async fn query_json(&self, sql: &str) -> Result<Vec<serde_json::Value>, String> {
+        // json_agg keeps every column's type readable without knowing the query's columns.
+        let wrapped = format!("SELECT coalesce(json_agg(q), '[]')::text FROM ({sql}) AS q");
+        let text: String = sqlx::query_scalar(sqlx::AssertSqlSafe(wrapped))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|err| err.to_string())?;
+        serde_json::from_str(&text).map_err(|err| format!("json_agg result: {err}"))
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
 }

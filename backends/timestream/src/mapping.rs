@@ -33,6 +33,11 @@ pub const CONNECTION_MEASURE: &str = "sora_connection";
 /// Measures Kohaku adds to every stats record: the report's times, in µs since the epoch.
 /// The measure name of the per-report summary records.
 pub const SUMMARY_MEASURE: &str = "report_summary";
+/// Whether records of `measure_name` are stats objects (not Kohaku's connection or summary records).
+pub fn is_stats_measure(measure_name: &str) -> bool {
+    measure_name != CONNECTION_MEASURE && measure_name != SUMMARY_MEASURE
+}
+
 pub const SORA_TIMESTAMP_MEASURE: &str = "sora_timestamp_us";
 pub const RECEIVED_AT_MEASURE: &str = "received_at_us";
 

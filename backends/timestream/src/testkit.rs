@@ -340,7 +340,7 @@ pub async fn wait_for_stats_records(
         let records = stored_records(database, table).await;
         let stats = records
             .iter()
-            .filter(|r| r.measure_name != crate::mapping::CONNECTION_MEASURE)
+            .filter(|r| crate::mapping::is_stats_measure(&r.measure_name))
             .count();
         if stats >= count || tokio::time::Instant::now() >= deadline {
             return records;

@@ -145,7 +145,7 @@ impl ConformanceTarget for MotoTarget {
         self.records()
             .await
             .into_iter()
-            .filter(|r| r.measure_name != CONNECTION_MEASURE)
+            .filter(|r| mapping::is_stats_measure(&r.measure_name))
             .filter(|r| r.dimension("connection_id") == Some(connection_id))
             .map(|record| {
                 let dim = |name: &str| record.dimension(name).unwrap_or_default().to_owned();

@@ -287,7 +287,8 @@ fn a_large_report_is_split_and_shares_its_connection_dimensions() {
     let report = sample::report(sample::connection(9), 1.0e12, 250);
     let requests = split(plan(&batch_of(vec![report])), 100);
     let sizes: Vec<usize> = requests.iter().map(|r| r.records.len()).collect();
-    assert_eq!(sizes, vec![100, 100, 51]);
+    // 250 objects, the connection record and the summary record.
+    assert_eq!(sizes, vec![100, 100, 52]);
     for request in &requests {
         let common: Vec<&str> = request.common_dimensions.iter().map(|d| d.name).collect();
         assert_eq!(
@@ -327,7 +328,11 @@ fn small_reports_are_packed_whole_into_requests() {
         .collect();
     let requests = split(plan(&batch_of(reports)), 100);
     let sizes: Vec<usize> = requests.iter().map(|r| r.records.len()).collect();
-    assert_eq!(sizes, vec![100, 20], "25 reports of 4 records, then 5");
+    assert_eq!(
+        sizes,
+        vec![100, 50],
+        "20 reports of 5 records (3 objects, the connection and the summary), then 10"
+    );
     for request in &requests {
         assert!(
             request.common_dimensions.is_empty(),
@@ -342,7 +347,7 @@ fn small_reports_are_packed_whole_into_requests() {
                 | Origin::Summary { connection_id } => connection_id.as_str(),
             })
             .collect();
-        for chunk in connections.chunks(4) {
+        for chunk in connections.chunks(5) {
             assert!(
                 chunk.iter().all(|id| *id == chunk[0]),
                 "a report is never split"
@@ -389,13 +394,16 @@ fn an_object_repeated_in_the_batch_is_planned_once_and_counted_as_duplicate() {
         plan.duplicates, 10,
         "the second and third copies of 5 objects"
     );
-    // One connection record per distinct report time.
-    let connection_records = plan
-        .reports
-        .iter()
-        .flatten()
-        .filter(|r| !r.origin.is_stats())
-        .count();
-    assert_eq!(connection_records, 2);
-    assert_eq!(plan.record_count(), 7);
+    // One connection record per distinct report time; one summary record per distinct summary
+    // time (the copies' objects, hence their summaries, are the same).
+    let count = |wanted: fn(&Origin) -> bool| {
+        plan.reports
+            .iter()
+            .flatten()
+            .filter(|r| wanted(&r.origin))
+            .count()
+    };
+    assert_eq!(count(|o| matches!(o, Origin::Connection { .. })), 2);
+    assert_eq!(count(|o| matches!(o, Origin::Summary { .. })), 1);
+    assert_eq!(plan.record_count(), 8);
 }
