@@ -111,7 +111,7 @@ fn write_lines(
                 i128::from(at + 250) * 1_000_000,
             )?;
             let envelope = format!(
-                r#""type":"connection.rtc","id":"R{index}-{round}","timestamp":"{}","label":"WebRTC SFU Sora","version":"2025.2.0","node_name":"sora@10.0.0.{}","role":"sendrecv","channel_id":"{channel}","session_id":"S{index:021}","client_id":"C{index}","connection_id":"{connection_id}","multistream":true,"simulcast":false,"spotlight":false"#,
+                r#""type":"connection.rtc","id":"R{index}-{round}","timestamp":"{}","label":"WebRTC SFU Sora","version":"2025.2.0","node_name":"sora@10.0.0.{}","role":"sendrecv","channel_id":"{channel}","session_id":"S{index:025}","client_id":"C{index}","connection_id":"{connection_id}","multistream":true,"simulcast":false,"spotlight":false"#,
                 kohaku_sink::format_timestamp(sora_time),
                 index % 4
             );
