@@ -37,17 +37,17 @@ const HISTORY_INTERVAL_MS: u64 = 60_000;
 const HISTORY_DAYS: u64 = 7;
 const HOUR_MS: u64 = 3_600_000;
 /// Runs per panel and database; the median is reported.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const RANGES_HOURS: [u64; 3] = [1, 6, 24];
 
-/// The first report of one connection of the Chromium fixture: the objects each generated report
-/// carries, with their counters moved on by the report's age.
+/// A send-and-receive connection's report made of the Chromium fixture's two peer connections
+/// (one sends, one receives): the fullest report of each, merged by object id. Each generated
+/// report carries these objects, with their counters moved on by the report's age.
 fn template() -> Result<Vec<Value>, AnyError> {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/chromium/rtc_stats.chromium-av.jsonl");
     let text = std::fs::read_to_string(fixture)?;
-    let mut objects = Vec::new();
-    let mut first: Option<(String, String)> = None;
+    let mut reports: Vec<((String, String), Vec<Value>)> = Vec::new();
     for line in text.lines() {
         let line: Value = serde_json::from_str(line)?;
         let key = (
@@ -57,14 +57,26 @@ fn template() -> Result<Vec<Value>, AnyError> {
                 .to_owned(),
             line["timestamp"].as_str().unwrap_or_default().to_owned(),
         );
-        match &first {
-            None => first = Some(key),
-            Some(first) if *first != key => break,
-            Some(_) => {}
+        match reports.last_mut() {
+            Some((last, objects)) if *last == key => objects.push(line["rtc_data"].clone()),
+            _ => reports.push((key, vec![line["rtc_data"].clone()])),
         }
-        objects.push(line["rtc_data"].clone());
     }
-    Ok(objects)
+    let mut fullest: Vec<(String, Vec<Value>)> = Vec::new();
+    for ((connection, _), objects) in reports {
+        match fullest.iter_mut().find(|(c, _)| *c == connection) {
+            Some((_, kept)) if kept.len() >= objects.len() => {}
+            Some((_, kept)) => *kept = objects,
+            None => fullest.push((connection, objects)),
+        }
+    }
+    let mut merged: Vec<Value> = Vec::new();
+    for object in fullest.into_iter().flat_map(|(_, objects)| objects) {
+        if !merged.iter().any(|kept| kept["id"] == object["id"]) {
+            merged.push(object);
+        }
+    }
+    Ok(merged)
 }
 
 /// Per second of call: how much each counter a dashboard reads grows.
@@ -300,72 +312,90 @@ async fn main() -> Result<(), AnyError> {
             .ok_or("usage: bench-dashboards KOHAKU_BINARY")?,
     )?;
     let admin_url = std::env::var("KOHAKU_BENCH_PG_URL")?;
-    let work = tempfile::tempdir()?;
+    // KOHAKU_BENCH_DASHBOARDS_DIR keeps the SQLite files there (to look into a plan afterwards);
+    // by default they go with a temporary directory.
+    let temporary = tempfile::tempdir()?;
+    let work = match std::env::var_os("KOHAKU_BENCH_DASHBOARDS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => temporary.path().to_owned(),
+    };
+    let work = work.as_path();
     let template = template()?;
-    let now_ms = (kohaku_sink::OffsetDateTime::now_utc().unix_timestamp() as u64) * 1000;
+    // KOHAKU_BENCH_DASHBOARDS_REUSE=1 (with KOHAKU_BENCH_DASHBOARDS_DIR and the same cluster)
+    // measures the databases a previous run loaded, for iterating on a query.
+    let now_file = work.join("now_ms");
+    let reuse = std::env::var_os("KOHAKU_BENCH_DASHBOARDS_REUSE").is_some() && now_file.exists();
+    let now_ms: u64 = if reuse {
+        std::fs::read_to_string(&now_file)?.trim().parse()?
+    } else {
+        (kohaku_sink::OffsetDateTime::now_utc().unix_timestamp() as u64) * 1000
+    };
     let recent_from = now_ms - HOUR_MS;
 
     let small = Database {
         name: "small",
-        sqlite: work.path().join("small.db"),
+        sqlite: work.join("small.db"),
         postgres: database_url(&admin_url, "dash_small")?,
     };
     let large = Database {
         name: "large",
-        sqlite: work.path().join("large.db"),
+        sqlite: work.join("large.db"),
         postgres: database_url(&admin_url, "dash_large")?,
     };
-    for name in ["dash_small", "dash_large"] {
-        psql(&admin_url, &format!("DROP DATABASE IF EXISTS {name}"))?;
+    if !reuse {
+        for name in ["dash_small", "dash_large"] {
+            psql(&admin_url, &format!("DROP DATABASE IF EXISTS {name}"))?;
+        }
+        psql(&admin_url, "CREATE DATABASE dash_small")?;
+
+        eprintln!("dashboards: loading the last hour ({RECENT_CONNECTIONS} connections, a report every 10 s) into both backends");
+        let started = Instant::now();
+        let recent = import(&kohaku, &config_of(work, &small)?, |out| {
+            write_lines(
+                out,
+                &template,
+                0,
+                RECENT_CONNECTIONS,
+                RECENT_INTERVAL_MS,
+                recent_from,
+                now_ms,
+            )
+        })?;
+        eprintln!(
+            "dashboards: {recent} objects in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+
+        // The large database starts as a copy of the small one, so that their last hour is the same.
+        std::fs::copy(&small.sqlite, &large.sqlite)?;
+        psql(&admin_url, "CREATE DATABASE dash_large TEMPLATE dash_small")?;
+        eprintln!("dashboards: adding {HISTORY_DAYS} days of history ({HISTORY_CONNECTIONS} connections, a report a minute) to the large databases");
+        let started = Instant::now();
+        let history_from = recent_from - HISTORY_DAYS * 24 * HOUR_MS;
+        let history = import(&kohaku, &config_of(work, &large)?, |out| {
+            write_lines(
+                out,
+                &template,
+                RECENT_CONNECTIONS,
+                HISTORY_CONNECTIONS,
+                HISTORY_INTERVAL_MS,
+                history_from,
+                recent_from,
+            )
+        })?;
+        eprintln!(
+            "dashboards: {history} objects in {:.0} s; large: {} objects",
+            started.elapsed().as_secs_f64(),
+            recent + history
+        );
+        // What autovacuum would do in the background after a load, done before measuring, so that
+        // it does not take a core from one query and not another.
+        for database in [&small, &large] {
+            psql(&database.postgres, "VACUUM ANALYZE")?;
+        }
+        std::fs::write(&now_file, now_ms.to_string())?;
     }
-    psql(&admin_url, "CREATE DATABASE dash_small")?;
 
-    eprintln!("dashboards: loading the last hour ({RECENT_CONNECTIONS} connections, a report every 10 s) into both backends");
-    let started = Instant::now();
-    let recent = import(&kohaku, &config_of(work.path(), &small)?, |out| {
-        write_lines(
-            out,
-            &template,
-            0,
-            RECENT_CONNECTIONS,
-            RECENT_INTERVAL_MS,
-            recent_from,
-            now_ms,
-        )
-    })?;
-    eprintln!(
-        "dashboards: {recent} objects in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-
-    // The large database starts as a copy of the small one, so that their last hour is the same.
-    std::fs::copy(&small.sqlite, &large.sqlite)?;
-    psql(&admin_url, "CREATE DATABASE dash_large TEMPLATE dash_small")?;
-    eprintln!("dashboards: adding {HISTORY_DAYS} days of history ({HISTORY_CONNECTIONS} connections, a report a minute) to the large databases");
-    let started = Instant::now();
-    let history_from = recent_from - HISTORY_DAYS * 24 * HOUR_MS;
-    let history = import(&kohaku, &config_of(work.path(), &large)?, |out| {
-        write_lines(
-            out,
-            &template,
-            RECENT_CONNECTIONS,
-            HISTORY_CONNECTIONS,
-            HISTORY_INTERVAL_MS,
-            history_from,
-            recent_from,
-        )
-    })?;
-    eprintln!(
-        "dashboards: {history} objects in {:.0} s; large: {} objects",
-        started.elapsed().as_secs_f64(),
-        recent + history
-    );
-    for database in [&small, &large] {
-        psql(&database.postgres, "ANALYZE")?;
-    }
-
-    let sqlite_small = rusqlite::Connection::open(&small.sqlite)?;
-    let sqlite_large = rusqlite::Connection::open(&large.sqlite)?;
     let pg_small = kohaku_timescaledb::testkit::QueryClient::connect(&small.postgres).await?;
     let pg_large = kohaku_timescaledb::testkit::QueryClient::connect(&large.postgres).await?;
     let channels: Vec<String> = (0..CHANNELS).map(|c| format!("channel-{c}")).collect();
@@ -396,17 +426,21 @@ async fn main() -> Result<(), AnyError> {
             }
             for (panel, sql) in dashboard.queries() {
                 let rendered = render.render(&dashboard.backend, &sql);
-                let mut figures = [0.0f64; 2];
-                for (slot, which) in figures.iter_mut().zip([0, 1]) {
-                    let mut runs = Vec::with_capacity(RUNS);
-                    for _ in 0..RUNS {
+                // Each database's runs in a row, the first only warming the caches (a freshly
+                // loaded database is partly on disk). SQLite gets a connection of its own for
+                // each series, as Grafana's datasource has one: two connections open at once in
+                // one process made the first one's queries twice as slow, whichever file it had.
+                let mut runs: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+                for (which, runs) in runs.iter_mut().enumerate() {
+                    let sqlite = if backend == "sqlite" {
+                        let database = if which == 0 { &small } else { &large };
+                        Some(rusqlite::Connection::open(&database.sqlite)?)
+                    } else {
+                        None
+                    };
+                    for round in 0..=RUNS {
                         let start = Instant::now();
-                        if backend == "sqlite" {
-                            let connection = if which == 0 {
-                                &sqlite_small
-                            } else {
-                                &sqlite_large
-                            };
+                        if let Some(connection) = &sqlite {
                             sqlite_query(connection, &rendered)
                                 .map_err(|err| format!("{panel}: {err}\n{rendered}"))?;
                         } else {
@@ -416,10 +450,13 @@ async fn main() -> Result<(), AnyError> {
                                 .await
                                 .map_err(|err| format!("{panel}: {err}\n{rendered}"))?;
                         }
-                        runs.push(start.elapsed().as_secs_f64() * 1000.0);
+                        if round > 0 {
+                            runs.push(start.elapsed().as_secs_f64() * 1000.0);
+                        }
                     }
-                    *slot = median(runs);
                 }
+                let [small_runs, large_runs] = runs;
+                let figures = [median(small_runs), median(large_runs)];
                 timings.push(Timing {
                     dashboard: if overview { "overview" } else { "connection" }.to_owned(),
                     panel,

@@ -5,6 +5,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests drive the same [`app::App`].
 
 pub mod app;
+pub mod backfill;
 pub mod budget;
 pub mod config;
 pub mod crash;

@@ -25,7 +25,7 @@ enum Command {
     /// Create or upgrade the sinks' schemas, then receive stats until SIGINT/SIGTERM.
     Serve(ConfigArg),
     /// Create or upgrade the sinks' schemas, then exit.
-    Migrate(ConfigArg),
+    Migrate(MigrateArgs),
     /// Load Sora's rtc_stats.jsonl log files (plain or gzip; `-` reads stdin) into the configured
     /// sinks, creating or upgrading their schemas first. Importing a file twice stores it once.
     /// Exit status 0 when every stats line was stored, 1 otherwise (bad lines, refused rows).
@@ -40,6 +40,17 @@ struct ConfigArg {
     /// TOML config file; without it the built-in defaults apply (SQLite at ./kohaku.db).
     #[arg(long, short, env = "KOHAKU_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Then give the reports stored before Kohaku kept per-report summaries (SQLite schema 4,
+    /// PostgreSQL schema 5) their summaries, read back from the stored objects. Safe to stop and
+    /// run again: a summary already stored stays as it is.
+    #[arg(long)]
+    summaries: bool,
 }
 
 #[derive(clap::Args)]
@@ -69,7 +80,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(arg) => serve(arg.config.as_deref()).await,
-            Command::Migrate(arg) => migrate(arg.config.as_deref()).await,
+            Command::Migrate(args) => migrate(args).await,
             Command::Import(args) => import(args).await,
             Command::CheckConfig(arg) => check_config(arg.config.as_deref()),
         }
@@ -94,15 +105,43 @@ fn check_config(path: Option<&Path>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn migrate(path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let (config, source) = Config::load(path)?;
+async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let (config, source) = Config::load(args.config.config.as_deref())?;
     let _logs = kohaku::logging::init(&config.log, config.debug)?;
     let sinks = build_sinks(&config, &source)?;
     kohaku::sinks::migrate(&sinks).await?;
+    let mut result = Ok(ExitCode::SUCCESS);
+    if args.summaries {
+        for sink in &sinks {
+            let name = sink.name().to_owned();
+            let done = kohaku::backfill::backfill_summaries(sink.as_ref(), |done| {
+                if done.connections % 100 == 0 {
+                    eprintln!(
+                        "kohaku migrate: {name}: {} reports of {} connections summarised",
+                        done.reports, done.connections
+                    );
+                }
+            })
+            .await;
+            match done {
+                Ok(done) => eprintln!(
+                    "kohaku migrate: {name}: summaries of {} reports of {} connections written (those already stored kept)",
+                    done.reports, done.connections
+                ),
+                Err(err) => {
+                    result = Err(anyhow::anyhow!(
+                        "{name}: summarising the stored reports stopped: {}; run `kohaku migrate --summaries` again to resume",
+                        err.detailed()
+                    ));
+                    break;
+                }
+            }
+        }
+    }
     for sink in &sinks {
         let _ = sink.close().await;
     }
-    Ok(ExitCode::SUCCESS)
+    result
 }
 
 async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {

@@ -264,6 +264,21 @@ impl Databases {
         backends
     }
 
+    async fn execute(&self, backend: &str, sql: &str) {
+        match backend {
+            "sqlite" => {
+                rusqlite::Connection::open(&self.sqlite)
+                    .and_then(|connection| connection.execute_batch(sql))
+                    .unwrap_or_else(|err| panic!("sqlite: {sql}: {err}"));
+            }
+            #[cfg(all(feature = "timescaledb", feature = "testkit"))]
+            "timescaledb" => kohaku_timescaledb::testkit::execute(&self.postgres, sql)
+                .await
+                .unwrap_or_else(|err| panic!("timescaledb: {sql}: {err}")),
+            other => panic!("backend {other} not in this build"),
+        }
+    }
+
     async fn query(&self, backend: &str, sql: &str) -> Result<Vec<Value>, String> {
         match backend {
             "sqlite" => sqlite_query(&self.sqlite, sql),
@@ -766,6 +781,50 @@ fn expected_summary(report: &FixtureReport) -> (f64, Vec<(&'static str, Value)>)
     (time, figures)
 }
 
+/// Asserts that `rows` (of `rtc_report_summary`) hold, for each of `reports`, the figures
+/// [`expected_summary`] computes from its objects; returns how many text figures were compared.
+fn assert_summaries_match(backend: &str, rows: &[Value], reports: &[FixtureReport]) -> usize {
+    let stored: HashMap<(String, String), &Value> = rows
+        .iter()
+        .map(|row| {
+            let time = row["rtc_timestamp"].as_f64().unwrap();
+            (
+                (
+                    row["connection_id"].as_str().unwrap().to_owned(),
+                    format!("{time:.3}"),
+                ),
+                row,
+            )
+        })
+        .collect();
+    let mut checked_texts = 0;
+    for report in reports {
+        let (time, figures) = expected_summary(report);
+        let row = stored
+            .get(&(report.connection_id.clone(), format!("{time:.3}")))
+            .unwrap_or_else(|| panic!("{backend}: no summary at {time}"));
+        for (column, expected) in figures {
+            let actual = &row[column];
+            match (expected.as_f64(), actual.as_f64()) {
+                (Some(expected), Some(actual)) => assert!(
+                    (expected - actual).abs() <= 1e-9 * expected.abs().max(1.0),
+                    "{backend} {} at {time}: {column} = {actual}, expected {expected}",
+                    report.connection_id
+                ),
+                _ => {
+                    checked_texts += usize::from(expected.is_string());
+                    assert_eq!(
+                        actual, &expected,
+                        "{backend} {} at {time}: {column}",
+                        report.connection_id
+                    );
+                }
+            }
+        }
+    }
+    checked_texts
+}
+
 /// Every report of the fixtures has one summary, on every backend, and its figures are what the
 /// raw objects give by the documented rules; `skip_unchanged` changes none of them but the count
 /// of objects it did not store.
@@ -782,44 +841,7 @@ async fn summaries_agree_with_the_raw_objects() {
             reports.len(),
             "{backend}: one summary per report"
         );
-        let stored: HashMap<(String, String), &Value> = rows
-            .iter()
-            .map(|row| {
-                let time = row["rtc_timestamp"].as_f64().unwrap();
-                (
-                    (
-                        row["connection_id"].as_str().unwrap().to_owned(),
-                        format!("{time:.3}"),
-                    ),
-                    row,
-                )
-            })
-            .collect();
-        let mut checked_texts = 0;
-        for report in &reports {
-            let (time, figures) = expected_summary(report);
-            let row = stored
-                .get(&(report.connection_id.clone(), format!("{time:.3}")))
-                .unwrap_or_else(|| panic!("{backend}: no summary at {time}"));
-            for (column, expected) in figures {
-                let actual = &row[column];
-                match (expected.as_f64(), actual.as_f64()) {
-                    (Some(expected), Some(actual)) => assert!(
-                        (expected - actual).abs() <= 1e-9 * expected.abs().max(1.0),
-                        "{backend} {} at {time}: {column} = {actual}, expected {expected}",
-                        report.connection_id
-                    ),
-                    _ => {
-                        checked_texts += usize::from(expected.is_string());
-                        assert_eq!(
-                            actual, &expected,
-                            "{backend} {} at {time}: {column}",
-                            report.connection_id
-                        );
-                    }
-                }
-            }
-        }
+        let checked_texts = assert_summaries_match(backend, &rows, &reports);
         assert!(
             checked_texts > 50,
             "{backend}: {checked_texts} texts compared"
@@ -857,6 +879,108 @@ async fn summaries_agree_with_the_raw_objects() {
             without(skipping),
             without(rows),
             "{backend}: the same summaries"
+        );
+    }
+}
+
+/// `kohaku migrate --summaries` gives reports stored without a summary (as before schema 4/5)
+/// theirs, read back from the stored objects: each agrees with an independent computation from the
+/// objects stored for that report (an object repeated in a later report is stored once, with the
+/// first), `stats_objects` counts them, and running it again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_summaries_rebuilds_the_summaries_of_stored_reports() {
+    let databases = Databases::filled(None, Some("\"off\"")).await;
+    let sql = "SELECT * FROM rtc_report_summary ORDER BY connection_id, rtc_timestamp";
+    for backend in databases.backends() {
+        databases
+            .execute(backend, "DELETE FROM rtc_report_summary")
+            .await;
+    }
+    let config = databases._dir.path().join("kohaku.toml");
+    let migrate = || {
+        tokio::task::block_in_place(|| {
+            kohaku_command()
+                .args(["migrate", "--summaries", "--config"])
+                .arg(&config)
+                .output()
+                .expect("kohaku migrate runs")
+        })
+    };
+    let first = migrate();
+    let said = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{said}");
+    assert!(said.contains("summaries of"), "{said}");
+    let mut after_first = HashMap::new();
+    for backend in databases.backends() {
+        after_first.insert(backend, databases.query(backend, sql).await.unwrap());
+    }
+    let again = migrate();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    for backend in databases.backends() {
+        let rebuilt = databases.query(backend, sql).await.unwrap();
+        assert_eq!(
+            rebuilt, after_first[backend],
+            "{backend}: a second run changes nothing"
+        );
+        // The stored objects, grouped into the reports they were stored with.
+        let objects = databases
+            .query(
+                backend,
+                "SELECT connection_id, sora_timestamp, rtc_id, rtc_type, rtc_timestamp, rtc_data \
+                 FROM rtc_stats ORDER BY connection_id, sora_timestamp, rtc_timestamp",
+            )
+            .await
+            .unwrap();
+        let mut stored: Vec<FixtureReport> = Vec::new();
+        let mut last_key: Option<(Value, Value)> = None;
+        for object in objects {
+            let key = (
+                object["connection_id"].clone(),
+                object["sora_timestamp"].clone(),
+            );
+            let text = match &object["rtc_data"] {
+                Value::String(text) => text.clone(),
+                json => json.to_string(),
+            };
+            let fixture_object = FixtureObject {
+                rtc_id: object["rtc_id"].as_str().unwrap().to_owned(),
+                rtc_type: object["rtc_type"].as_str().unwrap().to_owned(),
+                rtc_timestamp: object["rtc_timestamp"].as_f64().unwrap(),
+                text,
+            };
+            if last_key.as_ref() == Some(&key) {
+                stored.last_mut().unwrap().objects.push(fixture_object);
+            } else {
+                stored.push(FixtureReport {
+                    channel_id: String::new(),
+                    connection_id: key.0.as_str().unwrap().to_owned(),
+                    role: String::new(),
+                    group_id: None,
+                    objects: vec![fixture_object],
+                    body: String::new(),
+                });
+                last_key = Some(key);
+            }
+        }
+        assert_eq!(
+            rebuilt.len(),
+            stored.len(),
+            "{backend}: a summary per stored report"
+        );
+        let checked_texts = assert_summaries_match(backend, &rebuilt, &stored);
+        assert!(
+            checked_texts > 50,
+            "{backend}: {checked_texts} texts compared"
+        );
+        assert!(
+            rebuilt
+                .iter()
+                .all(|row| row["stats_objects_unchanged"].as_f64() == Some(0.0)),
+            "{backend}: nothing known to be skipped"
         );
     }
 }

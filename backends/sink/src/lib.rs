@@ -355,6 +355,22 @@ pub trait StatsSink: Send + Sync {
     /// Store every row of the batch, idempotently.
     async fn write(&self, batch: &StatsBatch) -> Result<WriteReport, SinkError>;
 
+    /// The stored reports of the first connection whose id sorts after `after` (the first
+    /// connection when `None`), read back so that data stored before summaries existed can be
+    /// given its summaries (`kohaku migrate --summaries`): the connection's id and its reports, in
+    /// Sora's time order, each with the objects stored for it. `Ok(None)` when no connection is
+    /// left. A backend that cannot read its rows back keeps this answer.
+    async fn stored_reports_after(
+        &self,
+        after: Option<&str>,
+    ) -> Result<Option<(String, Vec<Report>)>, SinkError> {
+        let _ = after;
+        Err(SinkError::Permanent {
+            message: format!("{}: stored stats cannot be read back", self.name()),
+            source: None,
+        })
+    }
+
     /// Whether the store is usable right now.
     async fn health(&self) -> Result<(), SinkError>;
 

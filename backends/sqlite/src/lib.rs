@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use kohaku_sink::{SinkError, StatsBatch, StatsSink, WriteReport};
+use kohaku_sink::{Report, SinkError, StatsBatch, StatsSink, WriteReport};
 use rusqlite::{Connection, OpenFlags};
 
 mod config;
 mod error;
 mod migrate;
+mod read_back;
 /// Test support, behind the `testkit` feature so that nothing test-only is in a release build.
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -45,16 +46,14 @@ struct OpenFile {
 /// one connection's rate panels, 8–13 times slower on a database with history.
 const OPTIMIZE_EVERY: Duration = Duration::from_secs(3600);
 
-/// `PRAGMA optimize`: runs `ANALYZE` on the tables whose size changed enough since the last one,
-/// each bounded by `analysis_limit` so that it costs milliseconds whatever the table's size.
-/// `first` also covers tables never analysed (SQLite's advice for a newly opened connection). A
-/// failure only leaves the statistics as they were, so it is logged, not returned.
-fn optimize(connection: &Connection, first: bool) {
-    let sql = if first {
-        "PRAGMA analysis_limit = 1000; PRAGMA optimize = 0x10002;"
-    } else {
-        "PRAGMA analysis_limit = 1000; PRAGMA optimize;"
-    };
+/// `PRAGMA optimize`: runs `ANALYZE` on the tables never analysed or whose size changed about
+/// tenfold since, each bounded by `analysis_limit` so that it costs milliseconds whatever the
+/// table's size. `0x10000` has it look at every table: without it SQLite only considers the
+/// tables this connection's queries used, and Kohaku's writer only inserts (a database filled by
+/// an import kept the statistics of its first 5,000 rows). A failure only leaves the statistics as
+/// they were, so it is logged, not returned.
+fn optimize(connection: &Connection) {
+    let sql = "PRAGMA analysis_limit = 1000; PRAGMA optimize = 0x10002;";
     if let Err(err) = connection.execute_batch(sql) {
         tracing::warn!(error = %err, "sqlite: PRAGMA optimize failed; planner statistics stay as they were");
     }
@@ -197,7 +196,7 @@ impl StatsSink for SqliteSink {
     async fn migrate(&self) -> Result<(), SinkError> {
         self.with_connection(|connection| {
             migrate(connection)?;
-            optimize(connection, true);
+            optimize(connection);
             Ok(())
         })
         .await
@@ -223,10 +222,21 @@ impl StatsSink for SqliteSink {
                 .optimized_at
                 .is_none_or(|at| at.elapsed() >= OPTIMIZE_EVERY)
             {
-                optimize(&open.connection, open.optimized_at.is_none());
+                optimize(&open.connection);
                 open.optimized_at = Some(Instant::now());
             }
             Ok(report)
+        })
+        .await
+    }
+
+    async fn stored_reports_after(
+        &self,
+        after: Option<&str>,
+    ) -> Result<Option<(String, Vec<Report>)>, SinkError> {
+        let after = after.map(str::to_owned);
+        self.with_connection(move |connection| {
+            read_back::stored_reports_after(connection, after.as_deref())
         })
         .await
     }
@@ -248,7 +258,7 @@ impl StatsSink for SqliteSink {
         // Fold the WAL back into the main file so the database is self-contained after exit, with
         // statistics that describe what this run wrote (an import fills a database in minutes).
         self.with_connection(|connection| {
-            optimize(connection, false);
+            optimize(connection);
             connection
                 .execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
                 .map_err(|err| classify("sqlite: checkpoint at close failed", err))

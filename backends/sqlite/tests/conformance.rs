@@ -230,3 +230,80 @@ async fn a_database_of_an_older_version_is_upgraded_in_place() {
         .unwrap();
     assert_eq!(rows, 3, "the old row stays");
 }
+
+/// The summary table has exactly the columns `kohaku_sink` declares, after its key; a report
+/// written three times (twice in one batch, once more later) leaves one summary, holding every
+/// figure of the report's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_have_the_declared_columns_and_are_stored_once() {
+    use kohaku_sink::testkit::sample;
+    use kohaku_sink::{summary_columns, SummaryNumber, SummaryText};
+    let target = SqliteTarget::new().await;
+    let reader = target.reader();
+    let columns: Vec<String> = reader
+        .prepare("SELECT name FROM pragma_table_info('rtc_report_summary') ORDER BY cid")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = [
+        "channel_id",
+        "session_id",
+        "client_id",
+        "connection_id",
+        "rtc_timestamp",
+        "sora_timestamp",
+    ];
+    assert_eq!(columns[..key.len()], key);
+    assert_eq!(
+        columns[key.len()..].to_vec(),
+        summary_columns().map(str::to_owned).collect::<Vec<_>>()
+    );
+
+    let report = sample::report(sample::connection(41), 1_753_423_611_556.5, 6);
+    let summary = report.summary.clone().expect("samples carry a summary");
+    target
+        .sink
+        .write(&sample::batch([report.clone(), report.clone()]))
+        .await
+        .unwrap();
+    target.sink.write(&sample::batch([report])).await.unwrap();
+    let rows: i64 = reader
+        .query_row("SELECT count(*) FROM rtc_report_summary", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows, 1, "one summary per report");
+    for which in SummaryNumber::ALL {
+        let stored: Option<f64> = reader
+            .query_row(
+                &format!("SELECT {} FROM rtc_report_summary", which.column()),
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, summary.number(*which), "{}", which.column());
+    }
+    for which in SummaryText::ALL {
+        let stored: Option<String> = reader
+            .query_row(
+                &format!("SELECT {} FROM rtc_report_summary", which.column()),
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            stored.as_deref(),
+            summary.text(*which),
+            "{}",
+            which.column()
+        );
+    }
+    let time: f64 = reader
+        .query_row("SELECT rtc_timestamp FROM rtc_report_summary", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(time, summary.rtc_timestamp);
+}

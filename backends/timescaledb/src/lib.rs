@@ -9,6 +9,7 @@
 mod config;
 mod error;
 mod migrate;
+mod read_back;
 mod retention;
 pub mod schema;
 /// Test support (the throwaway cluster of `scripts/test`), behind the `testkit` feature so that
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use kohaku_sink::{redact_uri, SinkCounter, SinkError, StatsBatch, StatsSink, WriteReport};
+use kohaku_sink::{redact_uri, Report, SinkCounter, SinkError, StatsBatch, StatsSink, WriteReport};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio::task::JoinHandle;
 
@@ -159,6 +160,13 @@ impl StatsSink for TimescaleSink {
             return Ok(WriteReport::default());
         }
         self.write_batch(batch).await
+    }
+
+    async fn stored_reports_after(
+        &self,
+        after: Option<&str>,
+    ) -> Result<Option<(String, Vec<Report>)>, SinkError> {
+        self.read_stored_reports_after(after).await
     }
 
     async fn health(&self) -> Result<(), SinkError> {

@@ -428,3 +428,82 @@ async fn errors_never_show_the_password() {
         .unwrap();
     assert!(!err.detailed().contains("hunter2"), "{}", err.detailed());
 }
+
+/// The summary table has exactly the columns `kohaku_sink` declares, after its key; a report
+/// written three times (twice in one batch, once more later) leaves one summary, holding every
+/// figure of the report's; a NUL in a text figure is stored as NULL instead of failing the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summaries_have_the_declared_columns_and_are_stored_once() {
+    use kohaku_sink::{summary_columns, SummaryNumber, SummaryText};
+    let target = PgTarget::new().await;
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = 'rtc_report_summary' \
+         ORDER BY ordinal_position",
+    )
+    .fetch_all(&target.reader)
+    .await
+    .unwrap();
+    let key = [
+        "rtc_time",
+        "channel_id",
+        "session_id",
+        "client_id",
+        "connection_id",
+        "rtc_timestamp",
+        "sora_timestamp",
+    ];
+    assert_eq!(columns[..key.len()], key);
+    assert_eq!(
+        columns[key.len()..].to_vec(),
+        summary_columns().map(str::to_owned).collect::<Vec<_>>()
+    );
+
+    let mut report = sample::report(sample::connection(41), 1_753_423_611_556.5, 6);
+    let mut summary = report.summary.clone().expect("samples carry a summary");
+    summary.set_text(SummaryText::VideoCodec, Some("video/\0VP8".into()));
+    report.summary = Some(summary.clone());
+    target
+        .sink
+        .write(&sample::batch([report.clone(), report.clone()]))
+        .await
+        .unwrap();
+    target.sink.write(&sample::batch([report])).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rtc_report_summary")
+        .fetch_one(&target.reader)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "one summary per report");
+    for which in SummaryNumber::ALL {
+        let stored: Option<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM rtc_report_summary",
+            which.column()
+        )))
+        .fetch_one(&target.reader)
+        .await
+        .unwrap();
+        assert_eq!(stored, summary.number(*which), "{}", which.column());
+    }
+    for which in SummaryText::ALL {
+        let stored: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM rtc_report_summary",
+            which.column()
+        )))
+        .fetch_one(&target.reader)
+        .await
+        .unwrap();
+        let expected = summary.text(*which).filter(|text| !text.contains('\0'));
+        assert_eq!(stored.as_deref(), expected, "{}", which.column());
+    }
+    let (time, exact): (f64, f64) = sqlx::query_as(
+        "SELECT extract(epoch FROM rtc_time)::float8 * 1000, rtc_timestamp FROM rtc_report_summary",
+    )
+    .fetch_one(&target.reader)
+    .await
+    .unwrap();
+    assert_eq!(exact, summary.rtc_timestamp);
+    assert!(
+        (time - summary.rtc_timestamp).abs() < 0.001,
+        "rtc_time {time}"
+    );
+}
