@@ -31,7 +31,9 @@ pub async fn backfill_summaries(
         let reports: Vec<Arc<Report>> = reports
             .into_iter()
             .map(|mut report| {
-                report.summary = crate::sora::summarize(&report.stats);
+                let objects: Vec<&kohaku_sink::StatsObject> = report.stats.iter().collect();
+                let summary = crate::sora::summarize(&objects);
+                report.set_summary(summary);
                 report.stats.clear();
                 Arc::new(report)
             })

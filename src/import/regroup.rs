@@ -173,8 +173,7 @@ impl Reader {
         }
     }
 
-    pub(super) fn submit(&mut self, mut report: Report) -> Flow {
-        report.summary = crate::sora::summarize(&report.stats);
+    pub(super) fn submit(&mut self, report: Report) -> Flow {
         match self.runtime.block_on(self.queue.submit_waiting(report)) {
             Ok(()) => {
                 self.tally.reports += 1;

@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kohaku_sink::{Report, SummaryNumber};
+use kohaku_sink::Report;
 
 use crate::metrics::Metrics;
 use crate::sync::lock;
@@ -102,13 +102,16 @@ impl SkipUnchanged {
                 .map(|entry| entry.as_ref().is_some_and(|entry| cache.unchanged(entry)))
                 .collect()
         };
-        // Counted once per type and report, not once per object.
+        // Counted once per type and report, not once per object. What is dropped is kept aside
+        // in the report, with its place, for the report's summary.
         let mut skipped: Vec<(String, u64)> = Vec::new();
-        let mut index = 0;
-        report.stats.retain(|object| {
-            let keep = !unchanged[index];
-            index += 1;
-            if !keep {
+        if unchanged.iter().any(|unchanged| *unchanged) {
+            let objects = std::mem::take(&mut report.stats);
+            for (index, (object, unchanged)) in objects.into_iter().zip(&unchanged).enumerate() {
+                if !*unchanged {
+                    report.stats.push(object);
+                    continue;
+                }
                 match skipped
                     .iter_mut()
                     .find(|(kind, _)| *kind == object.rtc_type)
@@ -116,12 +119,8 @@ impl SkipUnchanged {
                     Some((_, count)) => *count += 1,
                     None => skipped.push((object.rtc_type.clone(), 1)),
                 }
+                report.unchanged.push((index, object));
             }
-            keep
-        });
-        let total: u64 = skipped.iter().map(|(_, count)| count).sum();
-        if let Some(summary) = report.summary.as_mut() {
-            summary.set_number(SummaryNumber::StatsObjectsUnchanged, Some(total as f64));
         }
         for (kind, count) in skipped {
             self.metrics.count_unchanged(&kind, count);

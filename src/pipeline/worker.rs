@@ -123,6 +123,11 @@ impl SinkWorker {
     /// Writes the batch. When the sink refuses it permanently, writes its reports one by one so
     /// that one bad report does not cost the others.
     pub(super) async fn deliver(&self, batch: &StatsBatch) -> Delivered {
+        // Here rather than in the handler: the summary is storage work, and the first worker to
+        // come takes it for every sink.
+        for report in batch.reports() {
+            report.summarize_with(crate::sora::summarize);
+        }
         match self.write_retrying(batch).await {
             Attempt::Written => {}
             Attempt::GaveUp => return Delivered::GaveUp,

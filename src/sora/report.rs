@@ -251,7 +251,5 @@ fn report_of(
         }
     };
 
-    let mut report = Report::new(connection, sora_timestamp, received_at, stats);
-    report.summary = super::summary::summarize(&report.stats);
-    Ok(report)
+    Ok(Report::new(connection, sora_timestamp, received_at, stats))
 }

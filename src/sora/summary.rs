@@ -7,34 +7,24 @@ use kohaku_sink::{ReportSummary, StatsObject, SummaryNumber as N, SummaryText as
 
 use super::object::{members, number_value, string_value};
 
-/// The members of one object that the rules read, by name.
-struct Fields<'a> {
-    pairs: Vec<(Cow<'a, str>, &'a str)>,
-}
-
-impl<'a> Fields<'a> {
-    fn of(object: &'a StatsObject) -> Self {
-        Self {
-            pairs: members(object.rtc_data.get()).collect(),
+/// The members named in `names` of one object, in one walk over its members without allocating:
+/// each value's text (still JSON), or `None` when the object has no such member.
+fn read<'a, const N: usize>(object: &'a StatsObject, names: &[&str; N]) -> [Option<&'a str>; N] {
+    let mut values = [None; N];
+    for (name, value) in members(object.rtc_data.get()) {
+        if let Some(slot) = names.iter().position(|wanted| *wanted == name) {
+            values[slot] = Some(value);
         }
     }
+    values
+}
 
-    fn raw(&self, name: &str) -> Option<&'a str> {
-        self.pairs
-            .iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| *value)
-    }
+fn number(value: Option<&str>) -> Option<f64> {
+    value.and_then(|value| number_value(value).ok().flatten())
+}
 
-    fn number(&self, name: &str) -> Option<f64> {
-        self.raw(name)
-            .and_then(|value| number_value(value).ok().flatten())
-    }
-
-    fn text(&self, name: &str) -> Option<Cow<'a, str>> {
-        self.raw(name)
-            .and_then(|value| string_value(value).ok().flatten())
-    }
+fn text(value: Option<&str>) -> Option<Cow<'_, str>> {
+    value.and_then(|value| string_value(value).ok().flatten())
 }
 
 /// How bad a `qualityLimitationReason` is: the report keeps its worst stream's.
@@ -48,7 +38,7 @@ fn limitation_rank(reason: &str) -> u8 {
 }
 
 /// The summary of a report's objects, or `None` when it has none.
-pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
+pub(crate) fn summarize(objects: &[&StatsObject]) -> Option<ReportSummary> {
     let time = objects
         .iter()
         .map(|object| object.rtc_timestamp)
@@ -65,15 +55,13 @@ pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
     // (kind, codecId) of the first outbound and inbound stream of each kind.
     let mut codec_ids: [Option<String>; 2] = [None, None];
     let mut inbound_codec_ids: [Option<String>; 2] = [None, None];
-    let mut encoder: Option<(bool, String)> = None;
-    let mut decoder: Option<(bool, String)> = None;
+    let mut encoder_name: Option<(bool, String)> = None;
+    let mut decoder_name: Option<(bool, String)> = None;
 
-    for object in objects {
+    for &object in objects {
         match object.rtc_type.as_str() {
             "inbound-rtp" => {
-                let fields = Fields::of(object);
-                summary.add(N::InboundStreams, Some(1.0));
-                for (which, name) in [
+                const SUMMED: [(N, &str); 12] = [
                     (N::BytesReceived, "bytesReceived"),
                     (N::PacketsReceived, "packetsReceived"),
                     (N::PacketsLost, "packetsLost"),
@@ -86,38 +74,100 @@ pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
                     (N::ConcealedSamples, "concealedSamples"),
                     (N::TotalSamplesReceived, "totalSamplesReceived"),
                     (N::NacksSent, "nackCount"),
-                ] {
-                    summary.add(which, fields.number(name));
+                ];
+                let [bytes, packets, lost, delay, emitted, decoded, dropped, freezes, freeze_time, concealed, samples, nacks, jitter, kind, width, height, fps, codec, decoder] =
+                    read(
+                        object,
+                        &[
+                            SUMMED[0].1,
+                            SUMMED[1].1,
+                            SUMMED[2].1,
+                            SUMMED[3].1,
+                            SUMMED[4].1,
+                            SUMMED[5].1,
+                            SUMMED[6].1,
+                            SUMMED[7].1,
+                            SUMMED[8].1,
+                            SUMMED[9].1,
+                            SUMMED[10].1,
+                            SUMMED[11].1,
+                            "jitter",
+                            "kind",
+                            "frameWidth",
+                            "frameHeight",
+                            "framesPerSecond",
+                            "codecId",
+                            "decoderImplementation",
+                        ],
+                    );
+                summary.add(N::InboundStreams, Some(1.0));
+                for ((which, _), value) in SUMMED.iter().zip([
+                    bytes,
+                    packets,
+                    lost,
+                    delay,
+                    emitted,
+                    decoded,
+                    dropped,
+                    freezes,
+                    freeze_time,
+                    concealed,
+                    samples,
+                    nacks,
+                ]) {
+                    summary.add(*which, number(value));
                 }
-                summary.max(N::Jitter, fields.number("jitter"));
-                let video = fields.text("kind").as_deref() == Some("video");
+                summary.max(N::Jitter, number(jitter));
+                let video = text(kind).as_deref() == Some("video");
                 if video {
-                    summary.max(N::FrameWidthReceived, fields.number("frameWidth"));
-                    summary.max(N::FrameHeightReceived, fields.number("frameHeight"));
-                    summary.max(N::FramesPerSecondReceived, fields.number("framesPerSecond"));
+                    summary.max(N::FrameWidthReceived, number(width));
+                    summary.max(N::FrameHeightReceived, number(height));
+                    summary.max(N::FramesPerSecondReceived, number(fps));
                 }
-                remember_first(&mut inbound_codec_ids[usize::from(video)], &fields);
-                prefer_video(&mut decoder, video, fields.text("decoderImplementation"));
+                remember_first(&mut inbound_codec_ids[usize::from(video)], text(codec));
+                prefer_video(&mut decoder_name, video, text(decoder));
             }
             "outbound-rtp" => {
-                let fields = Fields::of(object);
-                summary.add(N::OutboundStreams, Some(1.0));
-                for (which, name) in [
+                const SUMMED: [(N, &str); 5] = [
                     (N::BytesSent, "bytesSent"),
                     (N::PacketsSent, "packetsSent"),
                     (N::RetransmittedBytesSent, "retransmittedBytesSent"),
                     (N::FramesEncoded, "framesEncoded"),
                     (N::NacksReceived, "nackCount"),
-                ] {
-                    summary.add(which, fields.number(name));
+                ];
+                let [bytes, packets, retransmitted, encoded, nacks, kind, width, height, fps, reason, codec, encoder] =
+                    read(
+                        object,
+                        &[
+                            SUMMED[0].1,
+                            SUMMED[1].1,
+                            SUMMED[2].1,
+                            SUMMED[3].1,
+                            SUMMED[4].1,
+                            "kind",
+                            "frameWidth",
+                            "frameHeight",
+                            "framesPerSecond",
+                            "qualityLimitationReason",
+                            "codecId",
+                            "encoderImplementation",
+                        ],
+                    );
+                summary.add(N::OutboundStreams, Some(1.0));
+                for ((which, _), value) in
+                    SUMMED
+                        .iter()
+                        .zip([bytes, packets, retransmitted, encoded, nacks])
+                {
+                    summary.add(*which, number(value));
                 }
-                let video = fields.text("kind").as_deref() == Some("video");
+                let video = text(kind).as_deref() == Some("video");
                 if video {
-                    summary.max(N::FrameWidthSent, fields.number("frameWidth"));
-                    summary.max(N::FrameHeightSent, fields.number("frameHeight"));
-                    summary.max(N::FramesPerSecondSent, fields.number("framesPerSecond"));
+                    summary.max(N::FrameWidthSent, number(width));
+                    summary.max(N::FrameHeightSent, number(height));
+                    summary.max(N::FramesPerSecondSent, number(fps));
                 }
-                if let Some(reason) = fields.text("qualityLimitationReason") {
+                if let Some(reason) = text(reason) {
                     let worse = limitation
                         .as_deref()
                         .is_none_or(|current| limitation_rank(&reason) > limitation_rank(current));
@@ -125,23 +175,21 @@ pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
                         limitation = Some(reason.into_owned());
                     }
                 }
-                remember_first(&mut codec_ids[usize::from(video)], &fields);
-                prefer_video(&mut encoder, video, fields.text("encoderImplementation"));
+                remember_first(&mut codec_ids[usize::from(video)], text(codec));
+                prefer_video(&mut encoder_name, video, text(encoder));
             }
             "remote-inbound-rtp" => {
-                let fields = Fields::of(object);
-                summary.max(N::RoundTripTime, fields.number("roundTripTime"));
-                summary.max(N::FractionLost, fields.number("fractionLost"));
+                let [rtt, lost] = read(object, &["roundTripTime", "fractionLost"]);
+                summary.max(N::RoundTripTime, number(rtt));
+                summary.max(N::FractionLost, number(lost));
             }
             "transport" if selected_pair.is_none() => {
-                selected_pair = Fields::of(object)
-                    .text("selectedCandidatePairId")
-                    .map(Cow::into_owned);
+                let [pair] = read(object, &["selectedCandidatePairId"]);
+                selected_pair = owned(text(pair));
             }
             "candidate-pair" if nominated_pair.is_none() => {
-                let fields = Fields::of(object);
-                let nominated = fields.raw("nominated") == Some("true");
-                if nominated && fields.text("state").as_deref() == Some("succeeded") {
+                let [nominated, state] = read(object, &["nominated", "state"]);
+                if nominated == Some("true") && text(state).as_deref() == Some("succeeded") {
                     nominated_pair = Some(object.rtc_id.clone());
                 }
             }
@@ -150,34 +198,34 @@ pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
     }
 
     summary.set_text(T::QualityLimitationReason, limitation);
-    summary.set_text(T::EncoderImplementation, encoder.map(|(_, name)| name));
-    summary.set_text(T::DecoderImplementation, decoder.map(|(_, name)| name));
+    summary.set_text(T::EncoderImplementation, encoder_name.map(|(_, name)| name));
+    summary.set_text(T::DecoderImplementation, decoder_name.map(|(_, name)| name));
 
     // The pair the transport names; without a transport, the nominated pair that succeeded.
     if let Some(pair) = selected_pair
         .or(nominated_pair)
         .and_then(|id| find(objects, "candidate-pair", &id))
     {
-        let pair = Fields::of(pair);
-        summary.set_number(N::CurrentRoundTripTime, pair.number("currentRoundTripTime"));
-        summary.set_number(
-            N::AvailableOutgoingBitrate,
-            pair.number("availableOutgoingBitrate"),
+        let [rtt, bitrate, local_id, remote_id] = read(
+            pair,
+            &[
+                "currentRoundTripTime",
+                "availableOutgoingBitrate",
+                "localCandidateId",
+                "remoteCandidateId",
+            ],
         );
-        if let Some(local) = pair
-            .text("localCandidateId")
-            .and_then(|id| find(objects, "local-candidate", &id))
-        {
-            let local = Fields::of(local);
-            summary.set_text(T::LocalCandidateType, owned(local.text("candidateType")));
-            summary.set_text(T::RelayProtocol, owned(local.text("relayProtocol")));
+        summary.set_number(N::CurrentRoundTripTime, number(rtt));
+        summary.set_number(N::AvailableOutgoingBitrate, number(bitrate));
+        if let Some(local) = text(local_id).and_then(|id| find(objects, "local-candidate", &id)) {
+            let [kind, relay] = read(local, &["candidateType", "relayProtocol"]);
+            summary.set_text(T::LocalCandidateType, owned(text(kind)));
+            summary.set_text(T::RelayProtocol, owned(text(relay)));
         }
-        if let Some(remote) = pair
-            .text("remoteCandidateId")
-            .and_then(|id| find(objects, "remote-candidate", &id))
+        if let Some(remote) = text(remote_id).and_then(|id| find(objects, "remote-candidate", &id))
         {
-            let remote = Fields::of(remote);
-            summary.set_text(T::RemoteCandidateType, owned(remote.text("candidateType")));
+            let [kind] = read(remote, &["candidateType"]);
+            summary.set_text(T::RemoteCandidateType, owned(text(kind)));
         }
     }
 
@@ -187,7 +235,7 @@ pub(crate) fn summarize(objects: &[StatsObject]) -> Option<ReportSummary> {
             .as_deref()
             .or(inbound_codec_ids[index].as_deref())
             .and_then(|id| find(objects, "codec", id))
-            .and_then(|codec| owned(Fields::of(codec).text("mimeType")));
+            .and_then(|codec| owned(text(read(codec, &["mimeType"])[0])));
         summary.set_text(which, codec);
     }
     Some(summary)
@@ -197,15 +245,16 @@ fn owned(text: Option<Cow<'_, str>>) -> Option<String> {
     text.map(Cow::into_owned)
 }
 
-fn find<'a>(objects: &'a [StatsObject], rtc_type: &str, id: &str) -> Option<&'a StatsObject> {
+fn find<'a>(objects: &[&'a StatsObject], rtc_type: &str, id: &str) -> Option<&'a StatsObject> {
     objects
         .iter()
+        .copied()
         .find(|object| object.rtc_type == rtc_type && object.rtc_id == id)
 }
 
-fn remember_first(slot: &mut Option<String>, fields: &Fields<'_>) {
+fn remember_first(slot: &mut Option<String>, codec_id: Option<Cow<'_, str>>) {
     if slot.is_none() {
-        *slot = owned(fields.text("codecId"));
+        *slot = owned(codec_id);
     }
 }
 

@@ -125,10 +125,13 @@ pub struct Report {
     /// When Kohaku received it.
     pub received_at: OffsetDateTime,
     pub stats: Vec<StatsObject>,
-    /// The report's connection summary, taken from every object it carried (also those
-    /// `skip_unchanged` then drops); `None` for a report without objects. Backends that keep
-    /// summaries store it with the report's objects, in the same transaction.
-    pub summary: Option<ReportSummary>,
+    /// The objects `skip_unchanged` found unchanged and took out of `stats`, with their places
+    /// in the report as received: not stored, but part of the report's summary.
+    pub unchanged: Vec<(usize, StatsObject)>,
+    /// The report's connection summary ([`Report::summary`]), taken once from every object it
+    /// carried, by the first sink worker that writes it (off the request path, once for every
+    /// sink).
+    summary: std::sync::OnceLock<Option<ReportSummary>>,
 }
 
 impl Report {
@@ -144,8 +147,50 @@ impl Report {
             sora_timestamp,
             received_at,
             stats,
-            summary: None,
+            unchanged: Vec::new(),
+            summary: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The report's summary once taken ([`Report::summarize_with`] or [`Report::set_summary`]);
+    /// `None` before, and for a report without objects. Backends that keep summaries store it
+    /// with the report's objects, in the same transaction.
+    pub fn summary(&self) -> Option<&ReportSummary> {
+        self.summary.get().and_then(Option::as_ref)
+    }
+
+    /// Takes the summary with `take`, given every object the report carried in the order it
+    /// carried them (the stored ones and those `skip_unchanged` took out), unless it is taken
+    /// already; `stats_objects_unchanged` is set from what `skip_unchanged` took out.
+    pub fn summarize_with(&self, take: impl FnOnce(&[&StatsObject]) -> Option<ReportSummary>) {
+        self.summary.get_or_init(|| {
+            let mut all: Vec<&StatsObject> =
+                Vec::with_capacity(self.row_count() + self.unchanged.len());
+            let mut stored = self.stats.iter();
+            let mut unchanged = self.unchanged.iter().peekable();
+            while let Some(object) = match unchanged.peek() {
+                Some((at, _)) if *at == all.len() => unchanged.next().map(|(_, object)| object),
+                _ => stored
+                    .next()
+                    .or_else(|| unchanged.next().map(|(_, object)| object)),
+            } {
+                all.push(object);
+            }
+            let mut summary = take(&all);
+            if let Some(summary) = summary.as_mut() {
+                summary.set_number(
+                    SummaryNumber::StatsObjectsUnchanged,
+                    Some(self.unchanged.len() as f64),
+                );
+            }
+            summary
+        });
+    }
+
+    /// Sets the summary outright (a test's, or one made from stored objects by
+    /// `kohaku migrate --summaries`).
+    pub fn set_summary(&mut self, summary: Option<ReportSummary>) {
+        self.summary = std::sync::OnceLock::from(summary);
     }
 
     pub fn row_count(&self) -> usize {

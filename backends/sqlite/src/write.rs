@@ -104,7 +104,7 @@ pub(crate) fn write_batch(
                 sora_timestamp,
                 received_at,
                 stats,
-                summary,
+                ..
             } = stats_report.as_ref();
             let sora_timestamp = format_timestamp(*sora_timestamp);
             let received_at = format_timestamp(*received_at);
@@ -126,7 +126,7 @@ pub(crate) fn write_batch(
                     connection.group_id,
                 ])
                 .map_err(fail("sqlite: cannot upsert sora_connection"))?;
-            if let Some(summary) = summary {
+            if let Some(summary) = stats_report.summary() {
                 insert_summary
                     .execute(params_from_iter(summary_values(
                         stats_report,

@@ -262,7 +262,7 @@ async fn summaries_have_the_declared_columns_and_are_stored_once() {
     );
 
     let report = sample::report(sample::connection(41), 1_753_423_611_556.5, 6);
-    let summary = report.summary.clone().expect("samples carry a summary");
+    let summary = report.summary().cloned().expect("samples carry a summary");
     target
         .sink
         .write(&sample::batch([report.clone(), report.clone()]))

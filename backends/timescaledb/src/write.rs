@@ -273,7 +273,7 @@ pub(crate) async fn insert_summaries(
 ) -> Result<(), SinkError> {
     let summarized: Vec<_> = reports
         .iter()
-        .filter_map(|report| report.summary.as_ref().map(|summary| (*report, summary)))
+        .filter_map(|report| report.summary().map(|summary| (*report, summary)))
         .collect();
     for chunk in summarized.chunks(SUMMARIES_PER_INSERT) {
         let mut query = QueryBuilder::<Postgres>::new(SUMMARY_COLUMNS.as_str());

@@ -460,9 +460,9 @@ async fn summaries_have_the_declared_columns_and_are_stored_once() {
     );
 
     let mut report = sample::report(sample::connection(41), 1_753_423_611_556.5, 6);
-    let mut summary = report.summary.clone().expect("samples carry a summary");
+    let mut summary = report.summary().cloned().expect("samples carry a summary");
     summary.set_text(SummaryText::VideoCodec, Some("video/\0VP8".into()));
-    report.summary = Some(summary.clone());
+    report.set_summary(Some(summary.clone()));
     target
         .sink
         .write(&sample::batch([report.clone(), report.clone()]))

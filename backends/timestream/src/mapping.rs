@@ -356,7 +356,7 @@ fn plan_report(report: &Report, plan: &mut Plan, seen: &mut Seen) {
 /// The report's summary as one record (`report_summary`, at the summary's time): every figure
 /// present as a DOUBLE or VARCHAR measure, absent ones left out (they read as NULL).
 fn summary_record(report: &Report, shared: &[Dimension], seen: &mut Seen) -> Option<PlannedRecord> {
-    let summary = report.summary.as_ref()?;
+    let summary = report.summary()?;
     let time_us = micros_of_ms(summary.rtc_timestamp)?;
     let connection_id = &report.connection.connection_id;
     if !seen.summaries.insert((connection_id.clone(), time_us)) {

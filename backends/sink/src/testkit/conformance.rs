@@ -202,13 +202,13 @@ pub async fn odd_ids_and_unicode(target: &dyn ConformanceTarget) {
             .expect("escapes object is valid JSON"),
         }))
         .collect();
-    let report = Report {
+    let mut report = Report::new(
         connection,
-        sora_timestamp: sample::time_of(ts),
-        received_at: sample::time_of(ts + 1.0),
+        sample::time_of(ts),
+        sample::time_of(ts + 1.0),
         stats,
-        summary: Some(sample::summary(ts)),
-    };
+    );
+    report.set_summary(Some(sample::summary(ts)));
     write_and_compare("odd_ids_and_unicode", target, vec![report]).await;
 }
 

@@ -133,13 +133,14 @@ pub fn every_type_report(connection: Connection, rtc_timestamp: f64) -> Report {
             )
         })
         .collect();
-    Report {
+    let mut report = Report::new(
         connection,
-        sora_timestamp: time_of(rtc_timestamp + 30.0),
-        received_at: time_of(rtc_timestamp + 45.0),
+        time_of(rtc_timestamp + 30.0),
+        time_of(rtc_timestamp + 45.0),
         stats,
-        summary: Some(summary(rtc_timestamp)),
-    }
+    );
+    report.set_summary(Some(summary(rtc_timestamp)));
+    report
 }
 
 /// A report of `objects` objects cycling through the main types, with unique ids.
@@ -155,13 +156,14 @@ pub fn report(connection: Connection, rtc_timestamp: f64, objects: usize) -> Rep
             )
         })
         .collect();
-    Report {
+    let mut report = Report::new(
         connection,
-        sora_timestamp: time_of(rtc_timestamp + 30.0),
-        received_at: time_of(rtc_timestamp + 45.0),
+        time_of(rtc_timestamp + 30.0),
+        time_of(rtc_timestamp + 45.0),
         stats,
-        summary: Some(summary(rtc_timestamp)),
-    }
+    );
+    report.set_summary(Some(summary(rtc_timestamp)));
+    report
 }
 
 /// A summary with a figure in every column, derived from `rtc_timestamp` so that two reports'

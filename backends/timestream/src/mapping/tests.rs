@@ -16,13 +16,12 @@ fn object(rtc_type: &str, rtc_id: &str, ts: f64, members: &str) -> StatsObject {
 }
 
 fn report_of(stats: Vec<StatsObject>) -> Report {
-    Report {
-        connection: sample::connection(7),
-        sora_timestamp: sample::time_of(1_753_423_611_000.0),
-        received_at: sample::time_of(1_753_423_612_000.5),
+    Report::new(
+        sample::connection(7),
+        sample::time_of(1_753_423_611_000.0),
+        sample::time_of(1_753_423_612_000.5),
         stats,
-        summary: None,
-    }
+    )
 }
 
 fn batch_of(reports: Vec<Report>) -> StatsBatch {
