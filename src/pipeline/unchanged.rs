@@ -106,7 +106,10 @@ impl SkipUnchanged {
         // in the report, with its place, for the report's summary.
         let mut skipped: Vec<(String, u64)> = Vec::new();
         if unchanged.iter().any(|unchanged| *unchanged) {
-            let objects = std::mem::take(&mut report.stats);
+            let objects = std::mem::replace(
+                &mut report.stats,
+                Vec::with_capacity(unchanged.iter().filter(|unchanged| !**unchanged).count()),
+            );
             for (index, (object, unchanged)) in objects.into_iter().zip(&unchanged).enumerate() {
                 if !*unchanged {
                     report.stats.push(object);

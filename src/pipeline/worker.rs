@@ -125,8 +125,10 @@ impl SinkWorker {
     pub(super) async fn deliver(&self, batch: &StatsBatch) -> Delivered {
         // Here rather than in the handler: the summary is storage work, and the first worker to
         // come takes it for every sink.
-        for report in batch.reports() {
-            report.summarize_with(crate::sora::summarize);
+        if self.state.sink.keeps_summaries() {
+            for report in batch.reports() {
+                report.summarize_with(crate::sora::summarize);
+            }
         }
         match self.write_retrying(batch).await {
             Attempt::Written => {}

@@ -131,7 +131,7 @@ pub struct Report {
     /// The report's connection summary ([`Report::summary`]), taken once from every object it
     /// carried, by the first sink worker that writes it (off the request path, once for every
     /// sink).
-    summary: std::sync::OnceLock<Option<ReportSummary>>,
+    summary: std::sync::OnceLock<Option<Box<ReportSummary>>>,
 }
 
 impl Report {
@@ -156,7 +156,7 @@ impl Report {
     /// `None` before, and for a report without objects. Backends that keep summaries store it
     /// with the report's objects, in the same transaction.
     pub fn summary(&self) -> Option<&ReportSummary> {
-        self.summary.get().and_then(Option::as_ref)
+        self.summary.get().and_then(Option::as_deref)
     }
 
     /// Takes the summary with `take`, given every object the report carried in the order it
@@ -183,14 +183,14 @@ impl Report {
                     Some(self.unchanged.len() as f64),
                 );
             }
-            summary
+            summary.map(Box::new)
         });
     }
 
     /// Sets the summary outright (a test's, or one made from stored objects by
     /// `kohaku migrate --summaries`).
     pub fn set_summary(&mut self, summary: Option<ReportSummary>) {
-        self.summary = std::sync::OnceLock::from(summary);
+        self.summary = std::sync::OnceLock::from(summary.map(Box::new));
     }
 
     pub fn row_count(&self) -> usize {
@@ -422,6 +422,12 @@ pub trait StatsSink: Send + Sync {
     /// Flush and release connections.
     async fn close(&self) -> Result<(), SinkError> {
         Ok(())
+    }
+
+    /// Whether the backend stores each report's summary ([`Report::summary`]). The pipeline
+    /// takes summaries only when some sink keeps them: the work is part of storing.
+    fn keeps_summaries(&self) -> bool {
+        true
     }
 
     /// Counters of work the backend does on its own (e.g. retention sweeps), read at each scrape.

@@ -19,15 +19,37 @@ use crate::TimescaleSink;
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 /// Connections upserted per statement: 15 parameters each, below PostgreSQL's 65535 limit.
 const CONNECTIONS_PER_UPSERT: usize = 4_000;
-/// Summaries inserted per statement: 46 parameters each, below PostgreSQL's 65535 limit.
-const SUMMARIES_PER_INSERT: usize = 1_000;
-
-/// The summary insert's head, its columns from [`summary_columns`].
-static SUMMARY_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+/// The summaries' insert: one array per column, unnested, so that a batch's summaries are one
+/// prepared statement whatever their number (a VALUES list of 46 parameters a row was planned
+/// anew for every batch).
+static INSERT_SUMMARIES: LazyLock<String> = LazyLock::new(|| {
+    let columns: Vec<&str> = summary_columns().collect();
+    let mut arrays = vec![
+        "$1::float8[]".to_owned(),
+        "$2::text[]".to_owned(),
+        "$3::text[]".to_owned(),
+        "$4::text[]".to_owned(),
+        "$5::text[]".to_owned(),
+        "$6::text[]".to_owned(),
+    ];
+    for (index, _) in SummaryNumber::ALL.iter().enumerate() {
+        arrays.push(format!("${}::float8[]", index + 7));
+    }
+    for (index, _) in SummaryText::ALL.iter().enumerate() {
+        arrays.push(format!("${}::text[]", index + 7 + SummaryNumber::ALL.len()));
+    }
+    let list = columns.join(", ");
+    let selected: Vec<String> = columns.iter().map(|column| format!("u.{column}")).collect();
     format!(
         "INSERT INTO rtc_report_summary (rtc_time, channel_id, session_id, client_id, \
-         connection_id, rtc_timestamp, sora_timestamp, {}) ",
-        summary_columns().collect::<Vec<_>>().join(", ")
+         connection_id, rtc_timestamp, sora_timestamp, {list}) \
+         SELECT to_timestamp(u.rtc_timestamp / 1000.0), u.channel_id, u.session_id, u.client_id, \
+         u.connection_id, u.rtc_timestamp, u.sora_timestamp::timestamptz, {} \
+         FROM UNNEST({}) AS u(rtc_timestamp, channel_id, session_id, client_id, connection_id, \
+         sora_timestamp, {list}) \
+         ON CONFLICT (connection_id, rtc_time, rtc_timestamp) DO NOTHING",
+        selected.join(", "),
+        arrays.join(", ")
     )
 });
 
@@ -275,39 +297,54 @@ pub(crate) async fn insert_summaries(
         .iter()
         .filter_map(|report| report.summary().map(|summary| (*report, summary)))
         .collect();
-    for chunk in summarized.chunks(SUMMARIES_PER_INSERT) {
-        let mut query = QueryBuilder::<Postgres>::new(SUMMARY_COLUMNS.as_str());
-        query.push_values(chunk, |mut row, (report, summary)| {
-            let connection = &report.connection;
-            row.push("to_timestamp(")
-                .push_bind_unseparated(summary.rtc_timestamp)
-                .push_unseparated(" / 1000.0)")
-                .push_bind(&connection.channel_id)
-                .push_bind(&connection.session_id)
-                .push_bind(&connection.client_id)
-                .push_bind(&connection.connection_id)
-                .push_bind(summary.rtc_timestamp)
-                .push_bind(format_timestamp(report.sora_timestamp))
-                .push_unseparated("::timestamptz");
-            for which in SummaryNumber::ALL {
-                row.push_bind(summary.number(*which));
-            }
-            for which in SummaryText::ALL {
-                row.push_bind(
+    if summarized.is_empty() {
+        return Ok(());
+    }
+    let column = |value: fn(&Report) -> &str| -> Vec<&str> {
+        summarized.iter().map(|(report, _)| value(report)).collect()
+    };
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(INSERT_SUMMARIES.as_str()))
+        .bind(
+            summarized
+                .iter()
+                .map(|(_, summary)| summary.rtc_timestamp)
+                .collect::<Vec<f64>>(),
+        )
+        .bind(column(|report| &report.connection.channel_id))
+        .bind(column(|report| &report.connection.session_id))
+        .bind(column(|report| &report.connection.client_id))
+        .bind(column(|report| &report.connection.connection_id))
+        .bind(
+            summarized
+                .iter()
+                .map(|(report, _)| format_timestamp(report.sora_timestamp))
+                .collect::<Vec<String>>(),
+        );
+    for which in SummaryNumber::ALL {
+        query = query.bind(
+            summarized
+                .iter()
+                .map(|(_, summary)| summary.number(*which))
+                .collect::<Vec<Option<f64>>>(),
+        );
+    }
+    for which in SummaryText::ALL {
+        query = query.bind(
+            summarized
+                .iter()
+                .map(|(_, summary)| {
                     summary
                         .text(*which)
                         .filter(|text| !text.contains('\0'))
-                        .map(str::to_owned),
-                );
-            }
-        });
-        query.push(" ON CONFLICT (connection_id, rtc_time, rtc_timestamp) DO NOTHING");
-        query
-            .build()
-            .execute(&mut **tx)
-            .await
-            .map_err(classify("timescaledb: cannot insert rtc_report_summary"))?;
+                        .map(str::to_owned)
+                })
+                .collect::<Vec<Option<String>>>(),
+        );
     }
+    query
+        .execute(&mut **tx)
+        .await
+        .map_err(classify("timescaledb: cannot insert rtc_report_summary"))?;
     Ok(())
 }
 
