@@ -623,27 +623,7 @@ fn kohaku_migrate(settings: &Settings, name: &str, sinks: &str) -> Result<(), An
 }
 
 fn psql(url: &str, command: &str) -> Result<String, AnyError> {
-    let output = Command::new("psql")
-        .args([
-            url,
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            command,
-        ])
-        .output()?;
-    if !output.status.success() {
-        return Err(format!(
-            "psql {command}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    Ok(support::psql(url, command)?)
 }
 
 /// A fresh database on the bench cluster, migrated by `kohaku migrate`; its URL.

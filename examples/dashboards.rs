@@ -18,6 +18,8 @@
 
 #[path = "../tests/common/grafana.rs"]
 mod grafana;
+#[path = "../tests/common/support.rs"]
+mod support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -198,27 +200,7 @@ fn import(
 }
 
 fn psql(url: &str, command: &str) -> Result<String, AnyError> {
-    let output = Command::new("psql")
-        .args([
-            url,
-            "-X",
-            "-q",
-            "-t",
-            "-A",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            command,
-        ])
-        .output()?;
-    if !output.status.success() {
-        return Err(format!(
-            "psql {command}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-        .into());
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    Ok(support::psql(url, command)?)
 }
 
 fn database_url(admin_url: &str, name: &str) -> Result<String, AnyError> {

@@ -1,5 +1,5 @@
 //! Dev-only support shared by the end-to-end tests (`tests/common`), the library's unit tests
-//! (`src/spool/tests.rs`) and the benchmark (`examples/bench.rs`), each including this file by
+//! (`src/spool/tests.rs`) and the benchmarks (`examples/bench.rs`, `examples/dashboards.rs`), each including this file by
 //! path: a `kohaku serve` process and the addresses it logged, its metrics, its peak memory, and a
 //! really small filesystem. Standard library and `serde_json`/`tempfile` only, so that every one
 //! of them can build it.
@@ -10,6 +10,31 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Runs one SQL command with `psql` at `url` and returns its unaligned output.
+pub fn psql(url: &str, command: &str) -> Result<String, String> {
+    let output = Command::new("psql")
+        .args([
+            url,
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            command,
+        ])
+        .output()
+        .map_err(|err| format!("psql: {err}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "psql {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
 
 /// Kills the process if a test ends (or fails) or a benchmark step finishes while it still runs.
 pub struct ChildGuard(pub Child);

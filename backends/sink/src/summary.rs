@@ -4,7 +4,8 @@
 //! The columns are declared once here ([`SummaryNumber`], [`SummaryText`]); each backend builds its
 //! statements from [`SummaryNumber::ALL`] and [`SummaryText::ALL`], and a test per backend checks
 //! that its table has exactly these columns. How each figure is taken from a report's objects is
-//! documented in `docs/summary.md` and done by Kohaku's parser (`src/sora/summary.rs`).
+//! documented in `docs/summary.md` and done by Kohaku's sink workers (`src/sora/summary.rs`,
+//! through [`crate::Report::summarize_with`]).
 
 macro_rules! columns {
     ($(#[$meta:meta])* $name:ident { $($(#[$doc:meta])* $variant:ident = $column:literal,)* }) => {

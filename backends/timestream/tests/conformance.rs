@@ -297,7 +297,8 @@ async fn requests_hold_at_most_max_records_and_share_connection_dimensions() {
     options.max_concurrent_writes = 1;
     let sink = testkit::sink(&proxy.url(), options).await;
     sink.migrate().await.expect("migrate");
-    // Two reports of 10 objects (11 records each) fit one request together; one of 60 is split.
+    // Two reports of 10 objects (12 records each, with the connection and summary records) fit
+    // one request together; one of 60 is split.
     let batch = sample::batch([
         sample::report(sample::connection(3101), 1_753_423_700_000.0, 10),
         sample::report(sample::connection(3102), 1_753_423_700_000.0, 10),
@@ -310,7 +311,7 @@ async fn requests_hold_at_most_max_records_and_share_connection_dimensions() {
         .iter()
         .map(|r| r["Records"].as_array().map_or(0, Vec::len))
         .collect();
-    assert_eq!(sizes, vec![22, 25, 25, 11]);
+    assert_eq!(sizes, vec![24, 25, 25, 12]);
     // The split report's requests carry its connection's ids once, as CommonAttributes.
     let common: Vec<&str> = requests[1]["CommonAttributes"]["Dimensions"]
         .as_array()
@@ -328,7 +329,9 @@ async fn requests_hold_at_most_max_records_and_share_connection_dimensions() {
             "bundle_id"
         ]
     );
-    assert!(requests[1]["Records"][1]["Dimensions"]
+    // Its first records are the connection and summary records (all their dimensions shared);
+    // the objects keep their own.
+    assert!(requests[1]["Records"][2]["Dimensions"]
         .as_array()
         .expect("own dimensions")
         .iter()
@@ -336,7 +339,11 @@ async fn requests_hold_at_most_max_records_and_share_connection_dimensions() {
     // The shared request's records keep their own connection ids.
     assert!(requests[0]["CommonAttributes"]["Dimensions"].is_null());
     let stored = testkit::stored_records(&database, TABLE).await;
-    assert_eq!(stored.len(), 83);
+    assert_eq!(
+        stored.len(),
+        86,
+        "80 objects, 3 connection and 3 summary records"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +397,8 @@ async fn migrate_creates_with_retention_or_names_what_is_missing() {
         table["retention_properties"]["MemoryStoreRetentionPeriodInHours"],
         48
     );
-    assert_eq!(testkit::stored_records(&database, TABLE).await.len(), 4);
+    // 3 objects, the connection record and the summary record.
+    assert_eq!(testkit::stored_records(&database, TABLE).await.len(), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
