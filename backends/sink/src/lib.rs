@@ -15,11 +15,13 @@ pub use serde_json::value::RawValue;
 pub use time::OffsetDateTime;
 
 mod redact;
+mod stored;
 mod summary;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
 pub use redact::redact_uri;
+pub use stored::{reports_from_stored, StoredObject};
 pub use summary::{summary_columns, ReportSummary, SummaryNumber, SummaryText};
 
 /// How every backend and log line spells a point in time: ISO-8601 UTC with microseconds, e.g.
@@ -40,7 +42,7 @@ pub fn parse_timestamp(text: &str) -> Result<OffsetDateTime, time::error::Parse>
 }
 
 /// The descriptive fields Sora sends with every report of one connection.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Connection {
     pub channel_id: String,
     pub session_id: String,
@@ -164,17 +166,11 @@ impl Report {
     /// already; `stats_objects_unchanged` is set from what `skip_unchanged` took out.
     pub fn summarize_with(&self, take: impl FnOnce(&[&StatsObject]) -> Option<ReportSummary>) {
         self.summary.get_or_init(|| {
-            let mut all: Vec<&StatsObject> =
-                Vec::with_capacity(self.row_count() + self.unchanged.len());
-            let mut stored = self.stats.iter();
-            let mut unchanged = self.unchanged.iter().peekable();
-            while let Some(object) = match unchanged.peek() {
-                Some((at, _)) if *at == all.len() => unchanged.next().map(|(_, object)| object),
-                _ => stored
-                    .next()
-                    .or_else(|| unchanged.next().map(|(_, object)| object)),
-            } {
-                all.push(object);
+            // Each object taken out goes back to its place; in ascending order every place
+            // before it is filled already.
+            let mut all: Vec<&StatsObject> = self.stats.iter().collect();
+            for (at, object) in &self.unchanged {
+                all.insert(*at, object);
             }
             let mut summary = take(&all);
             if let Some(summary) = summary.as_mut() {
