@@ -10,13 +10,26 @@ use super::object::{members, number_value, string_value};
 /// The members named in `names` of one object, in one walk over its members without allocating:
 /// each value's text (still JSON), or `None` when the object has no such member.
 fn read<'a, const N: usize>(object: &'a StatsObject, names: &[&str; N]) -> [Option<&'a str>; N] {
-    let mut values = [None; N];
+    read_summed(object, &[], names).1
+}
+
+/// [`read`] for a stream: the members `summed` names (each with the figure it adds to), then
+/// those `others` names, in the same one walk.
+fn read_summed<'a, const S: usize, const O: usize>(
+    object: &'a StatsObject,
+    summed: &[(N, &str); S],
+    others: &[&str; O],
+) -> ([Option<&'a str>; S], [Option<&'a str>; O]) {
+    let mut sums = [None; S];
+    let mut rest = [None; O];
     for (name, value) in members(object.rtc_data.get()) {
-        if let Some(slot) = names.iter().position(|wanted| *wanted == name) {
-            values[slot] = Some(value);
+        if let Some(slot) = summed.iter().position(|(_, wanted)| *wanted == name) {
+            sums[slot] = Some(value);
+        } else if let Some(slot) = others.iter().position(|wanted| *wanted == name) {
+            rest[slot] = Some(value);
         }
     }
-    values
+    (sums, rest)
 }
 
 fn number(value: Option<&str>) -> Option<f64> {
@@ -52,7 +65,8 @@ pub(crate) fn summarize(objects: &[&StatsObject]) -> Option<ReportSummary> {
     let mut selected_pair: Option<String> = None;
     let mut nominated_pair: Option<String> = None;
     let mut limitation: Option<String> = None;
-    // (kind, codecId) of the first outbound and inbound stream of each kind.
+    // The `codecId` of the first outbound and of the first inbound stream of each kind (0 audio,
+    // 1 video).
     let mut codec_ids: [Option<String>; 2] = [None, None];
     let mut inbound_codec_ids: [Option<String>; 2] = [None, None];
     let mut encoder_name: Option<(bool, String)> = None;
@@ -75,46 +89,21 @@ pub(crate) fn summarize(objects: &[&StatsObject]) -> Option<ReportSummary> {
                     (N::TotalSamplesReceived, "totalSamplesReceived"),
                     (N::NacksSent, "nackCount"),
                 ];
-                let [bytes, packets, lost, delay, emitted, decoded, dropped, freezes, freeze_time, concealed, samples, nacks, jitter, kind, width, height, fps, codec, decoder] =
-                    read(
-                        object,
-                        &[
-                            SUMMED[0].1,
-                            SUMMED[1].1,
-                            SUMMED[2].1,
-                            SUMMED[3].1,
-                            SUMMED[4].1,
-                            SUMMED[5].1,
-                            SUMMED[6].1,
-                            SUMMED[7].1,
-                            SUMMED[8].1,
-                            SUMMED[9].1,
-                            SUMMED[10].1,
-                            SUMMED[11].1,
-                            "jitter",
-                            "kind",
-                            "frameWidth",
-                            "frameHeight",
-                            "framesPerSecond",
-                            "codecId",
-                            "decoderImplementation",
-                        ],
-                    );
+                let (summed, [jitter, kind, width, height, fps, codec, decoder]) = read_summed(
+                    object,
+                    &SUMMED,
+                    &[
+                        "jitter",
+                        "kind",
+                        "frameWidth",
+                        "frameHeight",
+                        "framesPerSecond",
+                        "codecId",
+                        "decoderImplementation",
+                    ],
+                );
                 summary.add(N::InboundStreams, Some(1.0));
-                for ((which, _), value) in SUMMED.iter().zip([
-                    bytes,
-                    packets,
-                    lost,
-                    delay,
-                    emitted,
-                    decoded,
-                    dropped,
-                    freezes,
-                    freeze_time,
-                    concealed,
-                    samples,
-                    nacks,
-                ]) {
+                for ((which, _), value) in SUMMED.iter().zip(summed) {
                     summary.add(*which, number(value));
                 }
                 summary.max(N::Jitter, number(jitter));
@@ -135,30 +124,21 @@ pub(crate) fn summarize(objects: &[&StatsObject]) -> Option<ReportSummary> {
                     (N::FramesEncoded, "framesEncoded"),
                     (N::NacksReceived, "nackCount"),
                 ];
-                let [bytes, packets, retransmitted, encoded, nacks, kind, width, height, fps, reason, codec, encoder] =
-                    read(
-                        object,
-                        &[
-                            SUMMED[0].1,
-                            SUMMED[1].1,
-                            SUMMED[2].1,
-                            SUMMED[3].1,
-                            SUMMED[4].1,
-                            "kind",
-                            "frameWidth",
-                            "frameHeight",
-                            "framesPerSecond",
-                            "qualityLimitationReason",
-                            "codecId",
-                            "encoderImplementation",
-                        ],
-                    );
+                let (summed, [kind, width, height, fps, reason, codec, encoder]) = read_summed(
+                    object,
+                    &SUMMED,
+                    &[
+                        "kind",
+                        "frameWidth",
+                        "frameHeight",
+                        "framesPerSecond",
+                        "qualityLimitationReason",
+                        "codecId",
+                        "encoderImplementation",
+                    ],
+                );
                 summary.add(N::OutboundStreams, Some(1.0));
-                for ((which, _), value) in
-                    SUMMED
-                        .iter()
-                        .zip([bytes, packets, retransmitted, encoded, nacks])
-                {
+                for ((which, _), value) in SUMMED.iter().zip(summed) {
                     summary.add(*which, number(value));
                 }
                 let video = text(kind).as_deref() == Some("video");
