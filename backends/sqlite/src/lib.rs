@@ -194,9 +194,11 @@ impl StatsSink for SqliteSink {
     }
 
     async fn migrate(&self) -> Result<(), SinkError> {
-        self.with_connection(|connection| {
-            migrate(connection)?;
-            optimize(connection);
+        // The first write need not run it again.
+        self.with_open_file(|open, _| {
+            migrate(&mut open.connection)?;
+            optimize(&open.connection);
+            open.optimized_at = Some(Instant::now());
             Ok(())
         })
         .await
