@@ -30,14 +30,13 @@ pub const FLATTEN_SEPARATOR: &str = ".";
 
 /// The measure name of the record that carries a report's connection metadata.
 pub const CONNECTION_MEASURE: &str = "sora_connection";
-/// Measures Kohaku adds to every stats record: the report's times, in µs since the epoch.
 /// The measure name of the per-report summary records.
 pub const SUMMARY_MEASURE: &str = "report_summary";
 /// Whether records of `measure_name` are stats objects (not Kohaku's connection or summary records).
 pub fn is_stats_measure(measure_name: &str) -> bool {
     measure_name != CONNECTION_MEASURE && measure_name != SUMMARY_MEASURE
 }
-
+/// Measures Kohaku adds to every stats record: the report's times, in µs since the epoch.
 pub const SORA_TIMESTAMP_MEASURE: &str = "sora_timestamp_us";
 pub const RECEIVED_AT_MEASURE: &str = "received_at_us";
 
@@ -364,13 +363,7 @@ fn summary_record(report: &Report, shared: &[Dimension], seen: &mut Seen) -> Opt
     }
     let mut measures: Vec<Measure> = summary
         .numbers()
-        .filter_map(|(which, value)| {
-            value.map(|value| Measure {
-                name: which.column().to_owned(),
-                kind: MeasureType::Double,
-                value: value.to_string(),
-            })
-        })
+        .filter_map(|(which, value)| value.map(|value| double(which.column(), value)))
         .collect();
     measures.extend(summary.texts().filter_map(|(which, value)| {
         value
@@ -442,11 +435,7 @@ fn flatten(name: &str, value: &Value, top_level: bool, out: &mut Vec<Measure>, o
             let integer = top_level && is_integer_member(name);
             match (integer, number.as_i64()) {
                 (true, Some(whole)) => out.push(bigint(name, whole)),
-                _ => out.push(Measure {
-                    name: name.to_owned(),
-                    kind: MeasureType::Double,
-                    value: number.as_f64().unwrap_or(f64::NAN).to_string(),
-                }),
+                _ => out.push(double(name, number.as_f64().unwrap_or(f64::NAN))),
             }
         }
         // Lists have no measure type; their JSON text keeps them whole and queryable.
@@ -622,6 +611,14 @@ fn boolean(name: &str, value: bool) -> Measure {
     Measure {
         name: name.to_owned(),
         kind: MeasureType::Boolean,
+        value: value.to_string(),
+    }
+}
+
+fn double(name: &str, value: f64) -> Measure {
+    Measure {
+        name: name.to_owned(),
+        kind: MeasureType::Double,
         value: value.to_string(),
     }
 }
