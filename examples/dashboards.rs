@@ -235,18 +235,12 @@ fn config_of(work: &Path, database: &Database) -> Result<PathBuf, AnyError> {
 fn bytes_per_object(database: &Database) -> Result<(f64, f64, f64, f64), AnyError> {
     let sqlite = rusqlite::Connection::open(&database.sqlite)?;
     let rows: f64 = sqlite.query_row("SELECT count(*) FROM rtc_stats", [], |row| row.get(0))?;
-    let summaries: f64 =
-        sqlite.query_row("SELECT count(*) FROM rtc_report_summary", [], |row| {
-            row.get(0)
-        })?;
     let file = std::fs::metadata(&database.sqlite)?.len() as f64;
-    let summary_bytes: f64 = sqlite
-        .query_row(
-            "SELECT sum(pgsize) FROM dbstat WHERE name LIKE 'rtc_report_summary%'",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap_or(0.0);
+    let summary_bytes: f64 = sqlite.query_row(
+        "SELECT sum(pgsize) FROM dbstat WHERE name LIKE 'rtc_report_summary%'",
+        [],
+        |row| row.get(0),
+    )?;
     let size = |relation: &str| -> Result<f64, AnyError> {
         Ok(psql(
             &database.postgres,
@@ -262,7 +256,6 @@ fn bytes_per_object(database: &Database) -> Result<(f64, f64, f64, f64), AnyErro
     };
     let pg_stats = size("rtc_stats")?;
     let pg_summaries = size("rtc_report_summary")?;
-    let _ = summaries;
     Ok((
         (file - summary_bytes) / rows,
         summary_bytes / rows,
